@@ -1,0 +1,94 @@
+"""herald-smtp: Herald's email adapter. `create_app` wires everything in one place."""
+
+import dataclasses
+import logging
+import os
+import re
+import uuid
+from typing import Mapping
+
+from flask import Flask, g, request
+from werkzeug.exceptions import HTTPException
+
+from . import logs
+from .config import Config, ConfigError, load_config
+from .errors import SendError, envelope, from_http_status
+from .idempotency import open_store
+from .message import MessageBuilder
+from .transport import Transport
+
+__all__ = ["create_app", "Config", "ConfigError", "load_config"]
+
+log = logging.getLogger("herald_smtp")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclasses.dataclass
+class Service:
+    """What the routes use; one per app (per gunicorn worker)."""
+    config: Config
+    builder: MessageBuilder
+    transport: Transport
+    store: object
+    metrics: object = None
+
+    def close(self):
+        self.transport.close_all()
+        self.store.close()
+
+
+def create_app(config=None) -> Flask:
+    """Build the app. `config`: a Config, an environment mapping, or None for os.environ (+ .env)."""
+    if config is None:
+        from dotenv import load_dotenv
+
+        load_dotenv(override=False)  # the real environment wins over .env
+        config = load_config(os.environ)
+    elif isinstance(config, Mapping):
+        config = load_config(config)
+    logs.setup(config.log_level)
+    if not config.smtp_configured:
+        log.warning("SMTP_HOST or SMTP_FROM is empty: sends answer 503 provider_down until configured")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.http_body_limit_bytes
+    metrics = None
+    app.extensions["herald_smtp"] = Service(
+        config=config,
+        builder=MessageBuilder(config),
+        transport=Transport(config, metrics),
+        store=open_store(config.idempotency_store, config.idempotency_max_entries),
+        metrics=metrics,
+    )
+
+    from .api import bp as api_bp
+    from .ops import bp as ops_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(ops_bp)
+
+    @app.before_request
+    def request_id():
+        given = request.headers.get("X-Request-ID", "")
+        # Passed through only when it is a plain token: it goes into logs and a header.
+        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def add_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        return response
+
+    @app.errorhandler(SendError)
+    def send_error(err):
+        return envelope(err)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err):
+        return envelope(from_http_status(err.code, err.description))
+
+    @app.errorhandler(Exception)
+    def unexpected(err):
+        log.error("unexpected error", exc_info=err, extra={"fields": {"request_id": g.get("request_id")}})
+        return envelope(SendError("send_failed", "internal error"))
+
+    return app

@@ -1,0 +1,194 @@
+"""Configuration: parsed once from the environment into an immutable object.
+
+Names and defaults follow the original Go herald-smtp so its `.env` works unchanged.
+A bad value raises ConfigError with one line naming the variable; nothing below the
+app factory reads os.environ.
+"""
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tempfile
+from typing import Mapping
+
+# C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off", ""}
+
+
+def has_control_chars(value: str) -> bool:
+    return _CONTROL.search(value) is not None
+
+
+class ConfigError(ValueError):
+    """A configuration value that stops startup; str() is the one line to print."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    bind: str = "0.0.0.0:8084"
+    api_keys: tuple = ()
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password: str = dataclasses.field(default="", repr=False)
+    smtp_from: str = ""
+    smtp_from_name: str = ""
+    smtp_use_tls: bool = False
+    smtp_use_starttls: bool = True
+    smtp_skip_tls_verify: bool = False
+    smtp_ca_file: str = ""
+    smtp_timeout_seconds: float = 30.0
+    smtp_max_concurrent_sends: int = 16
+    smtp_max_idle_seconds: float = 30.0
+    smtp_max_messages_per_connection: int = 100
+    smtp_helo_name: str = ""
+    log_level: str = "INFO"
+    idempotency_store: str = ""
+    idempotency_ttl_seconds: int = 300
+    idempotency_max_entries: int = 10000
+    idempotency_fail_open: bool = False
+    http_body_limit_bytes: int = 65536
+    web_concurrency: int = 2
+    web_threads: int = 8
+    metrics_require_api_key: bool = False
+
+    def __repr__(self):  # secrets stay out of tracebacks and debug output
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        shown["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        return f"Config({shown})"
+
+    @property
+    def smtp_configured(self) -> bool:
+        return bool(self.smtp_host and self.smtp_from)
+
+    @property
+    def idempotency_lease_seconds(self) -> float:
+        # A reservation outlives the longest possible send by a margin, so a live
+        # owner never loses it, while a killed owner's key frees up soon after.
+        return self.smtp_timeout_seconds + 5
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """NAME, or the contents of the file NAME_FILE (Docker and Kubernetes secrets)."""
+    path = env.get(name + "_FILE", "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"{name}_FILE: cannot read the file ({e.strerror})") from None
+    return env.get(name, "")
+
+
+def _bool(env, name, default):
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _number(env, name, default, kind=int, minimum=1):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a {'whole ' if kind is int else ''}number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _bind(raw: str) -> str:
+    """PORT as the Go service took it (":8084"), or a bare port, or host:port."""
+    raw = raw.strip() or ":8084"
+    host, sep, port = raw.rpartition(":")
+    if not sep:
+        host, port = "", raw
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"PORT: expected a port like :8084, 8084 or 127.0.0.1:8084, got {raw!r}")
+    return f"{host or '0.0.0.0'}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_idempotency_store(env: Mapping[str, str]) -> str:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; elsewhere the temp dir is
+    # writable by any user and shared by every worker of the host.
+    directory = env.get("STATE_DIRECTORY", "").split(":")[0] or tempfile.gettempdir()
+    return "sqlite:///" + os.path.join(directory, "herald-smtp-idempotency.sqlite3").lstrip("/")
+
+
+def load_config(env: Mapping[str, str] = None) -> Config:
+    env = os.environ if env is None else env
+    keys = tuple(k.strip() for k in re.split(r"[,\n]", _secret(env, "API_KEY")) if k.strip())
+    cfg = Config(
+        bind=_bind(env.get("PORT", "")),
+        api_keys=keys,
+        smtp_host=env.get("SMTP_HOST", "").strip(),
+        smtp_port=_number(env, "SMTP_PORT", 587),
+        smtp_user=env.get("SMTP_USER", ""),
+        smtp_password=_secret(env, "SMTP_PASSWORD"),
+        smtp_from=env.get("SMTP_FROM", "").strip(),
+        smtp_from_name=env.get("SMTP_FROM_NAME", "").strip(),
+        smtp_use_tls=_bool(env, "SMTP_USE_TLS", False),
+        smtp_use_starttls=_bool(env, "SMTP_USE_STARTTLS", True),
+        smtp_skip_tls_verify=_bool(env, "SMTP_SKIP_TLS_VERIFY", False),
+        smtp_ca_file=env.get("SMTP_CA_FILE", "").strip(),
+        smtp_timeout_seconds=_number(env, "SMTP_TIMEOUT_SECONDS", 30.0, float, 0.1),
+        smtp_max_concurrent_sends=_number(env, "SMTP_MAX_CONCURRENT_SENDS", 16),
+        smtp_max_idle_seconds=_number(env, "SMTP_MAX_IDLE_SECONDS", 30.0, float, 0),
+        smtp_max_messages_per_connection=_number(env, "SMTP_MAX_MESSAGES_PER_CONNECTION", 100),
+        smtp_helo_name=env.get("SMTP_HELO_NAME", "").strip(),
+        log_level=(env.get("LOG_LEVEL", "").strip() or "info").upper(),
+        idempotency_store=env.get("IDEMPOTENCY_STORE", "").strip() or default_idempotency_store(env),
+        idempotency_ttl_seconds=_number(env, "IDEMPOTENCY_TTL_SECONDS", 300),
+        idempotency_max_entries=_number(env, "IDEMPOTENCY_MAX_ENTRIES", 10000),
+        idempotency_fail_open=_bool(env, "IDEMPOTENCY_FAIL_OPEN", False),
+        http_body_limit_bytes=_number(env, "HTTP_BODY_LIMIT_BYTES", 65536),
+        web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
+        web_threads=_number(env, "WEB_THREADS", 8),
+        metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
+    )
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.log_level not in {"DEBUG", "INFO", "WARN", "WARNING", "ERROR"}:
+        raise ConfigError(f"LOG_LEVEL: expected debug, info, warn or error, got {cfg.log_level.lower()!r}")
+    if cfg.smtp_use_tls and cfg.smtp_use_starttls:
+        raise ConfigError("SMTP_USE_TLS and SMTP_USE_STARTTLS are both true: choose implicit TLS or STARTTLS")
+    for name in ("SMTP_HOST", "SMTP_FROM", "SMTP_FROM_NAME", "SMTP_USER", "SMTP_HELO_NAME"):
+        if has_control_chars(getattr(cfg, name.lower())):
+            raise ConfigError(f"{name}: contains a control character")
+    if cfg.smtp_from and not re.fullmatch(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+", cfg.smtp_from):
+        raise ConfigError("SMTP_FROM: expected a plain address like noreply@example.com")
+    if cfg.smtp_ca_file and not os.path.isfile(cfg.smtp_ca_file):
+        raise ConfigError("SMTP_CA_FILE: no such file")
+    encrypted = cfg.smtp_use_tls or cfg.smtp_use_starttls
+    if cfg.smtp_user and not encrypted and cfg.smtp_host and not _is_loopback(cfg.smtp_host):
+        raise ConfigError("SMTP_USER is set but TLS is off: credentials are only sent over "
+                          "STARTTLS or implicit TLS to a non-loopback host")
+    store = cfg.idempotency_store
+    if not store.startswith(("sqlite://", "redis://", "rediss://", "unix://", "memory://", "/")):
+        raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., rediss://... or memory://")
+    if store.startswith("memory://") and cfg.web_concurrency > 1:
+        raise ConfigError("IDEMPOTENCY_STORE: memory:// holds for one process only; "
+                          "use the default SQLite file or redis:// with WEB_CONCURRENCY > 1")

@@ -1,0 +1,338 @@
+"""Idempotency store: one key, one email, whichever worker or replica a request reaches.
+
+A record moves pending -> done (remembered for the TTL, replayed) or pending -> failed (kept
+only briefly, so requests already waiting on it return the same error; a new request with the
+key sends again). A pending record carries a lease: if its owner dies, the key frees up.
+Backends, chosen by IDEMPOTENCY_STORE: a SQLite file shared by the workers of one host (the
+default), Redis for several replicas, memory for a single process.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit
+
+from .errors import SendError
+
+log = logging.getLogger("herald_smtp.idempotency")
+
+PENDING, DONE, FAILED = "pending", "done", "failed"
+NEW, REPLAY, CONFLICT, WAIT, FULL = "new", "replay", "conflict", "wait", "full"
+FAILED_KEEP_SECONDS = 10  # long enough for every waiting follower to see the owner's error
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached; the caller answers 503 rather than send unprotected."""
+
+
+@dataclasses.dataclass
+class Record:
+    fingerprint: str
+    state: str
+    token: str
+    message_id: str = ""
+    error_code: str = ""
+    error_message: str = ""
+
+
+def fingerprint(parts: dict) -> str:
+    """Hash of every field that changes the email; the key itself is not part of it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def decide(rec, fp: str) -> str:
+    """What an existing live record means for a new request with fingerprint `fp`."""
+    if rec is None or rec.state == FAILED:
+        return NEW
+    if rec.fingerprint != fp:
+        return CONFLICT
+    return REPLAY if rec.state == DONE else WAIT
+
+
+def run_once(store, key, fp, deadline, send, lease, ttl):
+    """Send at most once per key: the first caller sends, concurrent callers wait for it.
+
+    Returns (message_id, replayed). `send()` returns the message id or raises SendError.
+    """
+    delay = 0.005
+    while True:
+        outcome, rec, token = store.begin(key, fp, lease)
+        if outcome == NEW:
+            try:
+                message_id = send()
+            except SendError as err:
+                _quietly(store.fail, key, token, err.code, err.message)
+                raise
+            except BaseException:
+                _quietly(store.fail, key, token, "send_failed", "internal error")
+                raise
+            _quietly(store.complete, key, token, message_id, ttl)
+            return message_id, False
+        if outcome == REPLAY:
+            return rec.message_id, True
+        if outcome == CONFLICT:
+            raise SendError("idempotency_conflict", "this Idempotency-Key was already used for a different message")
+        if outcome == FULL:
+            raise SendError("rate_limited", "idempotency store is full; retry later")
+        # WAIT: another request holds the key; follow it until it settles.
+        while True:
+            if time.monotonic() + delay >= deadline:
+                raise SendError("timeout", "an earlier request with this Idempotency-Key is still sending")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+            cur = store.get(key)
+            if cur is None or cur.token != rec.token:
+                break  # the lease ran out or another owner took over: start again
+            if cur.state == DONE:
+                return cur.message_id, True
+            if cur.state == FAILED:
+                raise SendError(cur.error_code, cur.error_message)
+
+
+def _quietly(fn, *args):
+    # The outcome is already decided by the SMTP server; a store hiccup must not change
+    # the answer (a 500 here would make Herald retry a mail that was sent).
+    try:
+        fn(*args)
+    except Exception as e:
+        log.warning("idempotency store update failed", extra={"fields": {"error": type(e).__name__}})
+
+
+def open_store(url: str, max_entries: int):
+    if url.startswith("memory://"):
+        return MemoryStore(max_entries)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url, max_entries)
+    path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
+    return SQLiteStore(path, max_entries)
+
+
+class MemoryStore:
+    """One process only (config refuses it with more than one worker)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._records = {}  # key -> (Record, expires_at)
+        self._lock = threading.Lock()
+
+    def _live(self, key, now):
+        item = self._records.get(key)
+        if item and item[1] <= now:
+            del self._records[key]
+            return None
+        return item[0] if item else None
+
+    def begin(self, key, fp, lease):
+        with self._lock:
+            now = time.monotonic()
+            rec = self._live(key, now)
+            outcome = decide(rec, fp)
+            if outcome != NEW:
+                return outcome, rec, None
+            if rec is None and len(self._records) >= self.max_entries:
+                for k in [k for k, (_, exp) in self._records.items() if exp <= now]:
+                    del self._records[k]
+                if len(self._records) >= self.max_entries:
+                    return FULL, None, None
+            token = uuid.uuid4().hex
+            self._records[key] = (Record(fp, PENDING, token), now + lease)
+            return NEW, None, token
+
+    def get(self, key):
+        with self._lock:
+            rec = self._live(key, time.monotonic())
+            return dataclasses.replace(rec) if rec else None
+
+    def _settle(self, key, token, keep, **changes):
+        with self._lock:
+            rec = self._live(key, time.monotonic())
+            if rec and rec.token == token:
+                self._records[key] = (dataclasses.replace(rec, **changes), time.monotonic() + keep)
+
+    def complete(self, key, token, message_id, ttl):
+        self._settle(key, token, ttl, state=DONE, message_id=message_id)
+
+    def fail(self, key, token, code, message):
+        self._settle(key, token, FAILED_KEEP_SECONDS, state=FAILED, error_code=code, error_message=message)
+
+    def close(self):
+        pass
+
+
+class SQLiteStore:
+    """A file every worker of one host shares; WAL lets readers run beside the one writer."""
+
+    PURGE_EVERY = 1.0
+
+    def __init__(self, path: str, max_entries: int):
+        self.path = path
+        self.max_entries = max_entries
+        self._local = threading.local()
+        self._last_purge = 0.0
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        db = self._db()
+        db.execute("CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+                   " state TEXT NOT NULL, token TEXT NOT NULL, message_id TEXT NOT NULL DEFAULT '',"
+                   " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
+                   " expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at)")
+
+    def _db(self):
+        # One connection per thread (and so per forked worker: they are opened lazily).
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db, self._local.pid = db, os.getpid()
+        return db
+
+    def _row(self, db, key, now):
+        row = db.execute("SELECT fingerprint, state, token, message_id, error_code, error_message"
+                         " FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
+        return Record(*row) if row else None
+
+    def begin(self, key, fp, lease):
+        try:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                rec = self._row(db, key, now)
+                outcome = decide(rec, fp)
+                if outcome != NEW:
+                    return outcome, rec, None
+                if rec is None and not self._has_room(db, now):
+                    return FULL, None, None
+                token = uuid.uuid4().hex
+                db.execute("INSERT OR REPLACE INTO idempotency (key, fingerprint, state, token, expires_at)"
+                           " VALUES (?, ?, ?, ?, ?)", (key, fp, PENDING, token, now + lease))
+                return NEW, None, token
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(str(e)) from None
+
+    def _has_room(self, db, now):
+        if now - self._last_purge > self.PURGE_EVERY:
+            self._last_purge = now
+            db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        count = db.execute("SELECT count(*) FROM idempotency WHERE expires_at > ?", (now,)).fetchone()[0]
+        return count < self.max_entries
+
+    def get(self, key):
+        try:
+            return self._row(self._db(), key, time.time())
+        except sqlite3.Error as e:
+            raise StoreUnavailable(str(e)) from None
+
+    def _settle(self, key, token, keep, state, message_id="", code="", message=""):
+        self._db().execute("UPDATE idempotency SET state = ?, message_id = ?, error_code = ?, error_message = ?,"
+                           " expires_at = ? WHERE key = ? AND token = ?",
+                           (state, message_id, code, message, time.time() + keep, key, token))
+
+    def complete(self, key, token, message_id, ttl):
+        self._settle(key, token, ttl, DONE, message_id=message_id)
+
+    def fail(self, key, token, code, message):
+        self._settle(key, token, FAILED_KEEP_SECONDS, FAILED, code=code, message=message)
+
+    def close(self):
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+# Redis: a hash per key (expiring with its record) and a sorted set of live keys by expiry,
+# which bounds the store. Scripts run atomically on the server, with the server's clock.
+_BEGIN = """
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'token', 'mid', 'code', 'msg')
+if rec[1] and rec[2] ~= 'failed' then
+  if rec[1] ~= ARGV[1] then return {'conflict'} end
+  if rec[2] == 'done' then return {'replay', rec[1], rec[2], rec[3], rec[4]} end
+  return {'wait', rec[1], rec[2], rec[3], ''}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if not rec[1] and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return {'full'} end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'pending', 'token', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), KEYS[1])
+return {'new'}
+"""
+_SETTLE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'mid', ARGV[3], 'code', ARGV[4], 'msg', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+if ARGV[2] == 'done' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[6]), KEYS[1])
+else
+  redis.call('ZREM', KEYS[2], KEYS[1])
+end
+return 1
+"""
+
+
+class RedisStore:
+    """Shared by every replica. A key's record lives under a hash of the key, so any text is safe."""
+
+    def __init__(self, url: str, max_entries: int, prefix: str = "herald-smtp:idem:"):
+        import redis  # only deployments that choose Redis need the client loaded
+
+        self.max_entries = max_entries
+        self.prefix = prefix
+        self.index = prefix + "index"
+        self._errors = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                           health_check_interval=30, decode_responses=True)
+        self._begin = self.client.register_script(_BEGIN)
+        self._settle_script = self.client.register_script(_SETTLE)
+        self.description = f"redis {urlsplit(url).hostname or 'socket'}"
+
+    def _name(self, key):
+        return self.prefix + hashlib.sha256(key.encode()).hexdigest()
+
+    def begin(self, key, fp, lease):
+        token = uuid.uuid4().hex
+        try:
+            res = self._begin(keys=[self._name(key), self.index],
+                              args=[fp, token, int(lease * 1000), self.max_entries])
+        except self._errors as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        if res[0] in (REPLAY, WAIT):
+            return res[0], Record(res[1], res[2], res[3], res[4] or ""), None
+        return res[0], None, token if res[0] == NEW else None
+
+    def get(self, key):
+        try:
+            h = self.client.hgetall(self._name(key))
+        except self._errors as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        if not h:
+            return None
+        return Record(h["fp"], h["state"], h["token"], h.get("mid", ""), h.get("code", ""), h.get("msg", ""))
+
+    def _settle(self, key, token, state, keep, mid="", code="", msg=""):
+        self._settle_script(keys=[self._name(key), self.index],
+                            args=[token, state, mid, code, msg, int(keep * 1000)])
+
+    def complete(self, key, token, message_id, ttl):
+        self._settle(key, token, DONE, ttl, mid=message_id)
+
+    def fail(self, key, token, code, message):
+        self._settle(key, token, FAILED, FAILED_KEEP_SECONDS, code=code, msg=message)
+
+    def close(self):
+        self.client.close()
