@@ -1,0 +1,31 @@
+# Two commands: `make run` (the service plus a local mail catcher) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CAPTURE_PORT ?= 1025
+
+.PHONY: run test install clean
+
+$(BIN)/activate: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(BIN)/activate
+
+install: $(BIN)/activate
+
+# The service on :8084 under gunicorn, sending to a capture server on 127.0.0.1:$(CAPTURE_PORT)
+# that prints every mail it receives to this terminal. Values from .env are overridden here.
+run: install
+	@echo "mail catcher on 127.0.0.1:$(CAPTURE_PORT); mail appears below. Ctrl-C stops both."
+	@trap 'kill 0' INT TERM EXIT; \
+	$(BIN)/python -m aiosmtpd -n -l 127.0.0.1:$(CAPTURE_PORT) & \
+	SMTP_HOST=127.0.0.1 SMTP_PORT=$(CAPTURE_PORT) SMTP_USE_STARTTLS=false SMTP_USE_TLS=false \
+	SMTP_USER= SMTP_PASSWORD= SMTP_FROM=$${SMTP_FROM:-noreply@example.com} \
+	$(BIN)/gunicorn -c gunicorn.conf.py app:app
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,73 @@
+"""gunicorn settings for herald-smtp: `gunicorn -c gunicorn.conf.py app:app`.
+
+Everything comes from the environment (and `.env`; the real environment wins), parsed by the
+same loader the app uses, so a bad value stops the master with one line before any worker.
+"""
+
+import json
+import os
+import sys
+
+from dotenv import load_dotenv
+from gunicorn.glogging import Logger
+
+load_dotenv(override=False)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from herald_smtp.config import ConfigError, load_config  # noqa: E402
+
+try:
+    _cfg = load_config(os.environ)
+except ConfigError as e:
+    print(f"herald-smtp: configuration error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+bind = [_cfg.bind]
+# gthread: each worker thread keeps its own SMTP connection open between requests.
+worker_class = "gthread"
+workers = _cfg.web_concurrency
+threads = _cfg.web_threads
+# In-flight sends get their whole SMTP deadline to finish on SIGTERM, plus a margin.
+graceful_timeout = int(_cfg.smtp_timeout_seconds) + 5
+# Heartbeat only (gthread notifies from its main loop); generous so a slow send never trips it.
+timeout = int(_cfg.smtp_timeout_seconds) + 30
+keepalive = 5
+# gunicorn 27's control socket lives in $HOME, which the service user may not have.
+control_socket_disable = True
+# A header block larger than this is no Herald request.
+limit_request_field_size = 8190
+accesslog = "-"
+errorlog = "-"
+loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"
+
+
+class JsonAccessLogger(Logger):
+    """Access log as one JSON object a line: no headers, no query string, no body."""
+
+    def access(self, resp, req, environ, request_time):
+        if not self.cfg.accesslog:
+            return
+        entry = {
+            "event": "access",
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": resp.status_code if hasattr(resp, "status_code") else str(resp.status).split()[0],
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+            "remote": environ.get("REMOTE_ADDR"),
+        }
+        try:
+            self.access_log.info(json.dumps(entry))
+        except Exception:
+            self.exception("failed to write the access log")
+
+
+logger_class = JsonAccessLogger
+
+
+def worker_exit(server, worker):
+    """QUIT this worker's SMTP connections and close its store handles."""
+    app = getattr(worker, "wsgi", None)
+    service = getattr(app, "extensions", {}).get("herald_smtp") if app is not None else None
+    if service is not None:
+        service.close()

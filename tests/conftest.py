@@ -1,0 +1,310 @@
+"""Real peers for the tests: aiosmtpd on loopback (TLS from trustme), Redis, gunicorn."""
+
+import asyncio
+import email
+import email.policy
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import json
+import uuid
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from herald_smtp import create_app, load_config
+from herald_smtp.logs import JsonFormatter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REDIS_DB = 13  # this project's tests' own database on the machine's Redis
+SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
+API_KEY = "test-api-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Handler:
+    """Records what the server accepted; knobs make it refuse or stall at a chosen step."""
+
+    def __init__(self):
+        self.messages = []  # aiosmtpd Envelopes whose DATA was answered 250
+        self.reject_rcpt = {}  # address -> reply, e.g. "550 5.1.1 no such user"
+        self.mail_reply = None
+        self.data_reply = None
+        self.data_delay = 0.0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.reject_rcpt:
+            return self.reject_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(envelope)
+        return "250 OK queued"
+
+
+class SMTPServer:
+    """An aiosmtpd server on 127.0.0.1 that counts its sessions and can be restarted."""
+
+    def __init__(self, tls=None, auth=False, certs=None, **smtp_kwargs):
+        self.port = free_port()
+        self.handler = Handler()
+        self.sessions = 0
+        self.tls, self.auth, self.certs = tls, auth, certs
+        self.smtp_kwargs = smtp_kwargs
+        self.controller = None
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    def parsed(self, i=-1):
+        return email.message_from_bytes(self.messages[i].original_content, policy=email.policy.default)
+
+    def start(self):
+        server = self
+        kwargs = dict(self.smtp_kwargs)
+        ssl_context = None
+        if self.tls == "starttls":
+            kwargs.update(tls_context=self.certs.server_context(), require_starttls=True)
+        elif self.tls == "implicit":
+            ssl_context = self.certs.server_context()
+        if self.auth:
+            kwargs.update(authenticator=_authenticator, auth_required=True, auth_require_tls=self.tls == "starttls")  # aiosmtpd cannot see implicit TLS
+
+        class CountingSMTP(SMTP):
+            def connection_made(self, transport):
+                if not getattr(self, "_counted", False):  # STARTTLS calls this again
+                    self._counted = True
+                    server.sessions += 1
+                super().connection_made(transport)
+
+        class CountingController(Controller):
+            def factory(self):
+                return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+        self.controller = CountingController(self.handler, hostname="127.0.0.1", port=self.port,
+                                             ssl_context=ssl_context, server_hostname="localhost", **kwargs)
+        self.controller.start()
+        self.sessions = 0  # start() opens one connection of its own to see the server is up
+        return self
+
+    def stop(self):
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def env(self, **extra):
+        """Environment for herald-smtp pointing at this server."""
+        env = {
+            "SMTP_HOST": "127.0.0.1" if self.tls is None else "localhost",
+            "SMTP_PORT": str(self.port),
+            "SMTP_FROM": "noreply@example.com",
+            "SMTP_USE_STARTTLS": "true" if self.tls == "starttls" else "false",
+            "SMTP_USE_TLS": "true" if self.tls == "implicit" else "false",
+        }
+        if self.tls:
+            env["SMTP_CA_FILE"] = self.certs.ca_file
+        if self.auth:
+            env.update(SMTP_USER=SMTP_USER, SMTP_PASSWORD=SMTP_PASSWORD)
+        env.update(extra)
+        return env
+
+
+def _authenticator(server, session, envelope, mechanism, auth_data):
+    ok = getattr(auth_data, "login", None) == SMTP_USER.encode() and auth_data.password == SMTP_PASSWORD.encode()
+    return AuthResult(success=ok)
+
+
+class Certs:
+    """A trustme CA and a certificate for localhost and 127.0.0.1."""
+
+    def __init__(self, tmp_path):
+        import trustme
+
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert("localhost", "127.0.0.1")
+        self.ca_file = str(tmp_path / "ca.pem")
+        self.ca.cert_pem.write_to_path(self.ca_file)
+
+    def server_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    return Certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def smtp_server():
+    server = SMTPServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_server(certs):
+    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, **aiosmtpd kwargs)."""
+    servers = []
+
+    def make(**kwargs):
+        server = SMTPServer(certs=certs, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """Factory: an app (and its test client) for an environment mapping."""
+    apps = []
+
+    def make(env):
+        env = {"IDEMPOTENCY_STORE": f"sqlite:///{tmp_path}/idem.sqlite3", **env}
+        app = create_app(load_config(env))
+        app.testing = True
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["herald_smtp"].close()
+
+
+@pytest.fixture
+def client(make_app, smtp_server):
+    return make_app(smtp_server.env()).test_client()
+
+
+def send_json(client, payload=None, key=None, **headers):
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.post("/v1/send", json=payload, headers=headers)
+
+
+@pytest.fixture
+def logs():
+    """Everything herald_smtp logs during the test, as formatted JSON lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("herald_smtp")
+    logger.addHandler(handler)
+    yield stream
+    logger.removeHandler(handler)
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+class Gunicorn:
+    """gunicorn as a real process with the project's gunicorn.conf.py."""
+
+    def __init__(self, env, tmp_path, workers=2, threads=4):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_"))}
+        full.update({"PORT": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), "WEB_THREADS": str(threads),
+                     "IDEMPOTENCY_STORE": f"sqlite:///{tmp_path}/gunicorn-idem.sqlite3"})
+        full.update(env)
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                                     cwd=ROOT, env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not become healthy")
+
+    def post(self, payload, key=None, headers=None, timeout=30):
+        """POST /v1/send; returns (status, parsed JSON body)."""
+        data = json.dumps(payload).encode()
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            h["Idempotency-Key"] = key
+        req = urllib.request.Request(self.url + "/v1/send", data=data, headers=h, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def worker_pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig=None):
+        if self.proc.poll() is None:
+            self.proc.terminate() if sig is None else self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    """Factory: gunicorn(env, workers=2, threads=4) -> a running Gunicorn."""
+    procs = []
+
+    def start(env, **kwargs):
+        g = Gunicorn(env, tmp_path, **kwargs)
+        procs.append(g)
+        return g
+
+    yield start
+    for g in procs:
+        g.stop()
+
+
+def unique_key():
+    return f"test-{uuid.uuid4()}"
