@@ -219,21 +219,18 @@ class Transport:
         smtp = session.smtp
         committed = False
         try:
-            self._step(smtp, deadline)
-            code, _ = smtp.mail(sender)
-            if code == 421 and reused:
+            mail, rcpt, data_reply = self._envelope(smtp, sender, recipient, deadline)
+            if mail == 421 and reused:
                 raise smtplib.SMTPServerDisconnected("cached session closing")
-            if code != 250:
-                raise self._refused(session, "the sender", code)
-            self._step(smtp, deadline)
-            code, _ = smtp.rcpt(recipient)
-            if code not in (250, 251):
-                raise self._refused(session, "the recipient", code, "invalid_destination")
-            self._step(smtp, deadline)
-            smtp.putcmd("data")
-            code, _ = smtp.getreply()
-            if code != 354:
-                raise self._refused(session, "DATA", code)
+            failure = (("the sender", mail, "send_failed") if mail != 250 else
+                       ("the recipient", rcpt, "invalid_destination") if rcpt not in (250, 251) else
+                       ("DATA", data_reply, "send_failed") if data_reply != 354 else None)
+            if failure:
+                if data_reply == 354:
+                    # A broken server opened DATA without a valid recipient: abandon the session.
+                    self._drop(session)
+                    raise _reply_error(*failure[:2], permanent_code=failure[2])
+                raise self._refused(session, *failure)
             committed = True  # from here on the server may accept the mail: no retry
             self._step(smtp, deadline)
             smtp.send(_dot_stuff(data))
@@ -255,6 +252,31 @@ class Transport:
             raise SendError("send_failed", "unexpected error while talking to the SMTP server") from None
         session.sent += 1
         session.last_used = time.monotonic()
+
+    def _envelope(self, smtp, sender, recipient, deadline):
+        """Replies to MAIL, RCPT and DATA (None where not sent).
+
+        When the server offers PIPELINING (RFC 2920) the three go out in one round trip and
+        the replies are read in order; otherwise each waits for the one before.
+        """
+        self._step(smtp, deadline)
+        if smtp.has_extn("pipelining"):
+            smtp.send(f"MAIL FROM:{smtplib.quoteaddr(sender)}\r\nRCPT TO:{smtplib.quoteaddr(recipient)}\r\nDATA\r\n")
+            replies = []
+            for _ in range(3):
+                self._step(smtp, deadline)
+                replies.append(smtp.getreply()[0])
+            return tuple(replies)
+        mail = smtp.mail(sender)[0]
+        if mail != 250:
+            return mail, None, None
+        self._step(smtp, deadline)
+        rcpt = smtp.rcpt(recipient)[0]
+        if rcpt not in (250, 251):
+            return mail, rcpt, None
+        self._step(smtp, deadline)
+        smtp.putcmd("data")
+        return mail, rcpt, smtp.getreply()[0]
 
     def _refused(self, session, stage, code, permanent_code="send_failed") -> SendError:
         if code == 421:

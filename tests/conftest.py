@@ -44,8 +44,17 @@ class Handler:
         self.mail_reply = None
         self.data_reply = None
         self.data_delay = 0.0
+        self.pipelining = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
+        self.pipelined = []  # per MAIL: had RCPT and DATA already arrived with it?
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.pipelined.append(b"DATA" in bytes(server._reader._buffer))
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address
