@@ -145,7 +145,8 @@ class SMTPServer:
 
 def _authenticator(server, session, envelope, mechanism, auth_data):
     ok = getattr(auth_data, "login", None) == SMTP_USER.encode() and auth_data.password == SMTP_PASSWORD.encode()
-    return AuthResult(success=ok)
+    # handled=False: aiosmtpd then answers 535 itself; the default leaves a failed AUTH unanswered.
+    return AuthResult(success=ok, handled=False)
 
 
 class Certs:
