@@ -1,0 +1,429 @@
+"""POST /v1/send through the Flask test client against a real aiosmtpd server:
+every row of CONTRACT.md's error table, the success shape, content fallbacks, probes."""
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import API_KEY, free_port, send_json, unique_key
+
+TO = "alice.liddell@example.com"
+OK = {"to": TO, "subject": "Your code", "body": "Your code is 123456"}
+
+
+def assert_error(resp, status, code, *leaks):
+    """The failure envelope, exactly, with a message that leaks none of `leaks`."""
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert set(body) == {"ok", "error_code", "error_message"}
+    assert body["ok"] is False
+    assert body["error_code"] == code
+    assert isinstance(body["error_message"], str) and body["error_message"]
+    for leak in ("alice.liddell", "Traceback") + leaks:
+        assert leak not in body["error_message"]
+    return body
+
+
+def assert_nothing_sent(server):
+    assert server.messages == []
+
+
+@pytest.fixture
+def keyed(make_app, smtp_server):
+    """A client for a service that requires X-API-Key (two keys: rotation)."""
+    return make_app(smtp_server.env(API_KEY=f"{API_KEY},next-key-abcdef")).test_client()
+
+
+# -- success -------------------------------------------------------------------------
+
+
+def test_success_shape_with_key_returns_the_key_as_message_id(client, smtp_server):
+    key = unique_key()
+    resp = send_json(client, OK, key=key)
+    assert resp.status_code == 200
+    assert resp.get_json() == {"ok": True, "message_id": key, "provider": "smtp"}
+    assert [m.rcpt_tos for m in smtp_server.messages] == [[TO]]
+
+
+def test_key_in_body_is_the_message_id(client, smtp_server):
+    key = unique_key()
+    resp = send_json(client, {**OK, "idempotency_key": key}, key=key)
+    assert resp.get_json()["message_id"] == key
+
+
+def test_without_a_key_message_id_is_a_uuid(client, smtp_server):
+    first = send_json(client, OK).get_json()["message_id"]
+    second = send_json(client, OK).get_json()["message_id"]
+    assert str(uuid.UUID(first)) == first and first != second
+    assert len(smtp_server.messages) == 2
+
+
+def test_herald_payload_with_unknown_fields_is_accepted(client, smtp_server):
+    payload = {"channel": "email", "to": TO, "subject": "Code", "body": "", "params": {"code": "424242"},
+               "template": "otp", "locale": "en", "timeout_seconds": 10, "something_new": [1, 2]}
+    assert send_json(client, payload, key=unique_key()).status_code == 200
+
+
+def body_text(server):
+    return server.parsed().get_body(("plain",)).get_content()
+
+
+def test_default_subject(client, smtp_server):
+    assert send_json(client, {"to": TO, "body": "hi"}).status_code == 200
+    assert smtp_server.parsed()["subject"] == "Verification code"
+
+
+def test_body_from_params_code(client, smtp_server):
+    assert send_json(client, {"to": TO, "params": {"code": "987654"}}).status_code == 200
+    assert body_text(smtp_server).strip() == "Your verification code is: 987654"
+
+
+def test_default_body(client, smtp_server):
+    assert send_json(client, {"to": TO, "body": "", "params": {}}).status_code == 200
+    assert body_text(smtp_server).strip() == "You have a verification message. Please check your code."
+
+
+# -- probes and request ids --------------------------------------------------------------
+
+
+def test_healthz(client):
+    resp = client.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "healthy", "service": "herald-smtp"}
+
+
+def test_readyz_when_configured(client):
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_when_not_configured(make_app):
+    resp = make_app({}).test_client().get("/readyz")
+    assert resp.status_code == 503
+
+
+def test_probes_need_no_api_key(keyed):
+    assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/readyz").status_code == 200
+
+
+def test_request_id_passed_through(client):
+    resp = send_json(client, OK, **{"X-Request-ID": "req-42.abc"})
+    assert resp.headers["X-Request-ID"] == "req-42.abc"
+
+
+def test_request_id_generated_when_absent_or_unsafe(client):
+    generated = client.get("/healthz").headers["X-Request-ID"]
+    assert generated
+    unsafe = client.get("/healthz", headers={"X-Request-ID": "a b\tc{}"}).headers["X-Request-ID"]
+    assert unsafe != "a b\tc{}" and unsafe
+    # Failures carry one too, so an operator can find the log line.
+    assert send_json(client, {}).headers["X-Request-ID"]
+
+
+# -- 401 unauthorized --------------------------------------------------------------------
+
+
+def test_missing_api_key_is_401(keyed, smtp_server):
+    assert_error(send_json(keyed, OK), 401, "unauthorized", API_KEY)
+    assert_nothing_sent(smtp_server)
+
+
+def test_wrong_api_key_is_401(keyed, smtp_server):
+    resp = send_json(keyed, OK, **{"X-API-Key": "wrong-key-guess"})
+    assert_error(resp, 401, "unauthorized", API_KEY, "wrong-key-guess")
+    assert_nothing_sent(smtp_server)
+
+
+def test_both_rotated_keys_are_accepted(keyed, smtp_server):
+    assert send_json(keyed, OK, **{"X-API-Key": API_KEY}).status_code == 200
+    assert send_json(keyed, OK, **{"X-API-Key": "next-key-abcdef"}).status_code == 200
+    assert len(smtp_server.messages) == 2
+
+
+def test_api_key_checked_before_the_body(keyed, smtp_server):
+    resp = keyed.post("/v1/send", data="not json", content_type="text/plain")
+    assert_error(resp, 401, "unauthorized")
+
+
+# -- 400 invalid_request -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"to"', b"42", b"null", b"{", b'{"to": NaN}'])
+def test_body_that_is_not_a_json_object(client, smtp_server, raw):
+    resp = client.post("/v1/send", data=raw, content_type="application/json")
+    assert_error(resp, 400, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("to", 123), ("to", ["a@example.com"]), ("subject", 5), ("body", {"x": 1}), ("channel", True),
+    ("html", 1), ("locale", 1), ("template", []), ("idempotency_key", 7),
+    ("params", "code"), ("params", {"code": 123456}), ("params", ["123456"]),
+    ("timeout_seconds", "5"), ("timeout_seconds", True), ("timeout_seconds", 1.5), ("timeout_seconds", -1),
+])
+def test_field_with_the_wrong_type(client, smtp_server, field, value):
+    assert_error(send_json(client, {**OK, field: value}), 400, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+def test_header_and_body_keys_differ(client, smtp_server):
+    resp = send_json(client, {**OK, "idempotency_key": "key-in-body"}, key="key-in-header")
+    assert_error(resp, 400, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+@pytest.mark.parametrize("key", ["k" * 257, "é" * 129])  # 257 bytes, 258 bytes (129 characters)
+def test_key_over_256_bytes(client, smtp_server, key):
+    assert_error(send_json(client, {**OK, "idempotency_key": key}), 400, "invalid_request", key)
+    assert_nothing_sent(smtp_server)
+
+
+def test_key_of_256_bytes_is_fine(client, smtp_server):
+    key = "k" * 256
+    assert send_json(client, OK, key=key).get_json()["message_id"] == key
+
+
+def test_invalid_utf8(client, smtp_server):
+    resp = client.post("/v1/send", data=b'{"to": "a@example.com", "body": "\xff\xfe"}',
+                       content_type="application/json")
+    assert_error(resp, 400, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+def test_duplicate_json_keys(client, smtp_server):
+    # Two parsers could pick different `to`s; the service must not guess.
+    raw = b'{"to": "a@example.com", "to": "b@example.com", "body": "x"}'
+    assert_error(client.post("/v1/send", data=raw, content_type="application/json"), 400, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+# -- 413, 415 ----------------------------------------------------------------------------
+
+
+def test_body_over_the_limit_is_413(make_app, smtp_server):
+    client = make_app(smtp_server.env(HTTP_BODY_LIMIT_BYTES="1024")).test_client()
+    resp = send_json(client, {**OK, "body": "x" * 2000})
+    assert_error(resp, 413, "invalid_request")
+    assert_nothing_sent(smtp_server)
+    assert send_json(client, OK).status_code == 200  # under the limit still works
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_content_type_not_json_is_415(client, smtp_server, content_type):
+    import json
+
+    headers = {"Content-Type": content_type} if content_type else {}
+    resp = client.post("/v1/send", data=json.dumps(OK), headers=headers)
+    assert_error(resp, 415, "invalid_request")
+    assert_nothing_sent(smtp_server)
+
+
+# -- 400 invalid_destination -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("to", [
+    None, "", "   ", "not-an-address", "a@example.com, b@example.com", "a@example.com b@example.com",
+    "a@example.com;b@example.com", "Bob <bob@example.com>", '"Bob" <bob@example.com>', "@example.com",
+])
+def test_to_is_not_exactly_one_address(client, smtp_server, to):
+    payload = {"subject": "s", "body": "b"} if to is None else {**OK, "to": to}
+    assert_error(send_json(client, payload), 400, "invalid_destination")
+    assert_nothing_sent(smtp_server)
+
+
+def test_recipient_rejected_by_the_server(client, smtp_server):
+    smtp_server.handler.reject_rcpt[TO] = "550 5.1.1 mailbox unavailable"
+    assert_error(send_json(client, OK, key=unique_key()), 400, "invalid_destination", "127.0.0.1")
+    assert_nothing_sent(smtp_server)
+
+
+# -- 400 validation_failed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("to", "alice@example.com\r\nBcc: eve@example.com"), ("to", "alice@example.com\n"),
+    ("to", "alice@exa\x00mple.com"), ("subject", "Code\r\nBcc: eve@example.com"),
+    ("subject", "Code\nX-Evil: 1"), ("subject", "Code\rX"), ("subject", "Code\x00"),
+    ("subject", "x" * 999), ("channel", "sms"),
+])
+def test_validation_failed(client, smtp_server, field, value):
+    assert_error(send_json(client, {**OK, field: value}), 400, "validation_failed", "eve@example.com")
+    assert_nothing_sent(smtp_server)
+
+
+def test_subject_of_998_characters_is_fine(client, smtp_server):
+    assert send_json(client, {**OK, "subject": "x" * 998}).status_code == 200
+
+
+# -- 409 idempotency_conflict ------------------------------------------------------------
+
+
+def test_same_key_different_content_is_409(client, smtp_server):
+    key = unique_key()
+    assert send_json(client, OK, key=key).status_code == 200
+    resp = send_json(client, {**OK, "body": "Your code is 654321"}, key=key)
+    assert_error(resp, 409, "idempotency_conflict", key)
+    assert len(smtp_server.messages) == 1
+
+
+# -- 429 rate_limited --------------------------------------------------------------------
+
+
+def test_concurrent_sends_beyond_the_limit_are_429(make_app, smtp_server):
+    app = make_app(smtp_server.env(SMTP_MAX_CONCURRENT_SENDS="1"))
+    smtp_server.handler.data_delay = 2  # the first send holds the only slot while DATA stalls
+    results = {}
+    first = threading.Thread(target=lambda: results.update(first=send_json(app.test_client(), OK)))
+    first.start()
+    for _ in range(200):  # the slot is taken before the connection is opened
+        if smtp_server.sessions:
+            break
+        time.sleep(0.01)
+    assert smtp_server.sessions == 1
+    second = send_json(app.test_client(), {**OK, "to": "bob@example.com"})
+    first.join()
+    assert_error(second, 429, "rate_limited")
+    assert results["first"].status_code == 200
+    assert [m.rcpt_tos for m in smtp_server.messages] == [[TO]]
+    # The slot is released: the next send goes through.
+    smtp_server.handler.data_delay = 0
+    assert send_json(app.test_client(), OK).status_code == 200
+
+
+def test_idempotency_store_full_is_429_for_a_new_key(make_app, smtp_server):
+    client = make_app(smtp_server.env(IDEMPOTENCY_MAX_ENTRIES="1")).test_client()
+    known = unique_key()
+    assert send_json(client, OK, key=known).status_code == 200
+    assert_error(send_json(client, OK, key=unique_key()), 429, "rate_limited")
+    assert len(smtp_server.messages) == 1
+    # A known key still replays.
+    assert send_json(client, OK, key=known).get_json()["message_id"] == known
+    assert len(smtp_server.messages) == 1
+
+
+# -- 503 provider_down -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["SMTP_HOST", "SMTP_FROM"])
+def test_smtp_not_configured_is_503(make_app, smtp_server, missing):
+    client = make_app({k: v for k, v in smtp_server.env().items() if k != missing}).test_client()
+    assert_error(send_json(client, OK, key=unique_key()), 503, "provider_down")
+    assert smtp_server.sessions == 0
+
+
+def test_server_port_closed_is_503(make_app):
+    port = free_port()  # nothing listens there
+    client = make_app({"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_FROM": "noreply@example.com",
+                       "SMTP_USE_STARTTLS": "false"}).test_client()
+    assert_error(send_json(client, OK), 503, "provider_down", "127.0.0.1", str(port))
+
+
+@pytest.mark.parametrize("knob, reply", [
+    ("mail_reply", "421 4.3.2 service shutting down"), ("mail_reply", "451 4.3.0 try again later"),
+    ("data_reply", "451 4.3.0 queue full"), ("data_reply", "421 4.3.2 closing"),
+])
+def test_transient_reply_is_503(client, smtp_server, knob, reply):
+    setattr(smtp_server.handler, knob, reply)
+    assert_error(send_json(client, OK), 503, "provider_down", "127.0.0.1")
+    assert_nothing_sent(smtp_server)
+
+
+def test_greeting_421_is_503(make_app):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def refuse():
+            conn, _ = listener.accept()
+            conn.sendall(b"421 4.3.2 too busy\r\n")
+            conn.close()
+
+        t = threading.Thread(target=refuse, daemon=True)
+        t.start()
+        client = make_app({"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_FROM": "noreply@example.com",
+                           "SMTP_USE_STARTTLS": "false"}).test_client()
+        assert_error(send_json(client, OK), 503, "provider_down")
+        t.join(5)
+
+
+def test_failure_is_not_remembered_and_a_retry_sends(client, smtp_server):
+    key = unique_key()
+    smtp_server.handler.mail_reply = "451 4.3.0 try again later"
+    assert_error(send_json(client, OK, key=key), 503, "provider_down")
+    smtp_server.handler.mail_reply = None
+    assert send_json(client, OK, key=key).get_json()["message_id"] == key
+    assert len(smtp_server.messages) == 1
+
+
+# -- 504 timeout -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server():
+    """A socket that accepts connections and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_server_that_never_answers_is_504_within_the_deadline(make_app, silent_server):
+    client = make_app({"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(silent_server), "SMTP_FROM": "noreply@example.com",
+                       "SMTP_USE_STARTTLS": "false", "SMTP_TIMEOUT_SECONDS": "30"}).test_client()
+    started = time.monotonic()
+    resp = send_json(client, {**OK, "timeout_seconds": 1})
+    elapsed = time.monotonic() - started
+    assert_error(resp, 504, "timeout", "127.0.0.1")
+    # The request's own deadline, not SMTP_TIMEOUT_SECONDS (30 s), bounds the wait.
+    assert elapsed < 10
+
+
+def test_server_that_stalls_after_data_is_504(make_app, smtp_server):
+    client = make_app(smtp_server.env()).test_client()
+    smtp_server.handler.data_delay = 5
+    assert_error(send_json(client, {**OK, "timeout_seconds": 1}), 504, "timeout")
+
+
+# -- 500 send_failed ---------------------------------------------------------------------
+
+
+def test_auth_with_wrong_password_is_500(make_app, make_server):
+    server = make_server(tls="starttls", auth=True)
+    client = make_app(server.env(SMTP_PASSWORD="not-the-password")).test_client()
+    body = assert_error(send_json(client, OK), 500, "send_failed", "not-the-password", "localhost")
+    assert "authentication" in body["error_message"]
+    assert_nothing_sent(server)
+
+
+def test_permanent_reject_after_data_is_500(client, smtp_server):
+    smtp_server.handler.data_reply = "554 5.7.1 message refused"
+    assert_error(send_json(client, OK), 500, "send_failed", "127.0.0.1")
+    assert_nothing_sent(smtp_server)
+
+
+def test_permanent_reject_of_the_sender_is_500(client, smtp_server):
+    smtp_server.handler.mail_reply = "553 5.7.1 sender not allowed"
+    assert_error(send_json(client, OK), 500, "send_failed", "noreply")
+
+
+# -- 404, 405 ----------------------------------------------------------------------------
+
+
+def test_unknown_route_is_404(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.post("/v1/sendx", json=OK), 404, "not_found")
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
+def test_wrong_method_is_405(client, smtp_server, method):
+    assert_error(getattr(client, method)("/v1/send"), 405, "method_not_allowed")
+    assert_nothing_sent(smtp_server)
+
+
+def test_wrong_method_on_probe_is_405(client):
+    assert_error(client.post("/healthz"), 405, "method_not_allowed")
