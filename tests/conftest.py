@@ -44,6 +44,8 @@ class Handler:
         self.mail_reply = None
         self.data_reply = None
         self.data_delay = 0.0
+        self.data_gate = None  # a threading.Event: DATA is held, in flight, until it is set
+        self.data_peers = []  # client (host, port) of every DATA, in arrival order
         self.pipelining = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
         self.pipelined = []  # per MAIL: had RCPT and DATA already arrived with it?
 
@@ -67,6 +69,9 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.data_peers.append(session.peer)
+        while self.data_gate is not None and not self.data_gate.is_set():
+            await asyncio.sleep(0.01)
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
         if self.data_reply:
