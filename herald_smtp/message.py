@@ -101,9 +101,10 @@ class MessageBuilder:
         # Never raw request text: a fresh id at the sender's own domain.
         msg["Message-ID"] = f"<{uuid.uuid4().hex}@{self.domain}>"
         msg["Auto-Submitted"] = "auto-generated"
-        if _LANGUAGE_TAG.fullmatch(req.locale):
-            msg["Content-Language"] = req.locale
         msg.set_content(effective_body(req), charset="utf-8")
         if req.html:
             msg.add_alternative(req.html, subtype="html", charset="utf-8")
+        # After the content: set_content() clears every Content-* header set before it.
+        if _LANGUAGE_TAG.fullmatch(req.locale):
+            msg["Content-Language"] = req.locale
         return Envelope(self.sender, to, msg.as_bytes())
