@@ -274,22 +274,24 @@ def test_same_key_different_content_is_409(client, smtp_server):
 
 def test_concurrent_sends_beyond_the_limit_are_429(make_app, smtp_server):
     app = make_app(smtp_server.env(SMTP_MAX_CONCURRENT_SENDS="1"))
-    smtp_server.handler.data_delay = 2  # the first send holds the only slot while DATA stalls
+    smtp_server.handler.data_gate = threading.Event()  # the first send holds the only slot in DATA
     results = {}
     first = threading.Thread(target=lambda: results.update(first=send_json(app.test_client(), OK)))
     first.start()
-    for _ in range(200):  # the slot is taken before the connection is opened
-        if smtp_server.sessions:
-            break
-        time.sleep(0.01)
-    assert smtp_server.sessions == 1
-    second = send_json(app.test_client(), {**OK, "to": "bob@example.com"})
-    first.join()
+    try:
+        for _ in range(1000):
+            if smtp_server.handler.data_peers:
+                break
+            time.sleep(0.01)
+        assert smtp_server.handler.data_peers, "the first send never reached DATA"
+        second = send_json(app.test_client(), {**OK, "to": "bob@example.com"})
+    finally:
+        smtp_server.handler.data_gate.set()
+        first.join()
     assert_error(second, 429, "rate_limited")
     assert results["first"].status_code == 200
     assert [m.rcpt_tos for m in smtp_server.messages] == [[TO]]
     # The slot is released: the next send goes through.
-    smtp_server.handler.data_delay = 0
     assert send_json(app.test_client(), OK).status_code == 200
 
 
