@@ -1,6 +1,7 @@
 """Real peers for the tests: aiosmtpd on loopback (TLS from trustme), Redis, gunicorn."""
 
 import asyncio
+import collections
 import email
 import email.policy
 import io
@@ -48,6 +49,7 @@ class Handler:
         self.data_peers = []  # client (host, port) of every DATA, in arrival order
         self.pipelining = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
         self.pipelined = []  # per MAIL: had RCPT and DATA already arrived with it?
+        self.commands = collections.Counter()  # MAIL, RSET, QUIT received, by verb
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
@@ -56,6 +58,7 @@ class Handler:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.commands["MAIL"] += 1
         self.pipelined.append(b"DATA" in bytes(server._reader._buffer))
         if self.mail_reply:
             return self.mail_reply
@@ -78,6 +81,14 @@ class Handler:
             return self.data_reply
         self.messages.append(envelope)
         return "250 OK queued"
+
+    async def handle_RSET(self, server, session, envelope):
+        self.commands["RSET"] += 1
+        return "250 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.commands["QUIT"] += 1
+        return "221 Bye"
 
 
 class SMTPServer:
