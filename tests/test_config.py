@@ -1,0 +1,127 @@
+"""Configuration: CONTRACT.md's names and defaults, bad values stop startup naming the variable."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from herald_smtp import ConfigError, create_app, load_config
+
+
+def test_defaults_are_the_contracts():
+    cfg = load_config({})
+    assert (cfg.bind, cfg.api_keys, cfg.smtp_host, cfg.smtp_port, cfg.smtp_user, cfg.smtp_password) == \
+        ("0.0.0.0:8084", (), "", 587, "", "")
+    assert (cfg.smtp_from, cfg.smtp_from_name) == ("", "")
+    assert (cfg.smtp_use_tls, cfg.smtp_use_starttls, cfg.smtp_skip_tls_verify) == (False, True, False)
+    assert cfg.smtp_timeout_seconds == 30
+    assert cfg.smtp_max_concurrent_sends == 16
+    assert cfg.log_level == "INFO"
+    assert (cfg.idempotency_ttl_seconds, cfg.idempotency_max_entries) == (300, 10000)
+    assert cfg.http_body_limit_bytes == 65536
+    assert cfg.web_concurrency == 2
+    assert not cfg.smtp_configured
+
+
+def test_go_style_env_file_values_are_read():
+    cfg = load_config({"PORT": ":9000", "API_KEY": "k", "SMTP_HOST": "smtp.example.com", "SMTP_PORT": "465",
+                       "SMTP_USER": "u", "SMTP_PASSWORD": "p", "SMTP_FROM": "noreply@example.com",
+                       "SMTP_FROM_NAME": "Herald", "SMTP_USE_TLS": "true", "SMTP_USE_STARTTLS": "false",
+                       "SMTP_SKIP_TLS_VERIFY": "false", "SMTP_TIMEOUT_SECONDS": "10",
+                       "SMTP_MAX_CONCURRENT_SENDS": "4", "LOG_LEVEL": "debug", "IDEMPOTENCY_TTL_SECONDS": "60",
+                       "IDEMPOTENCY_MAX_ENTRIES": "50", "HTTP_BODY_LIMIT_BYTES": "2048"})
+    assert cfg.bind == "0.0.0.0:9000" and cfg.api_keys == ("k",)
+    assert (cfg.smtp_host, cfg.smtp_port, cfg.smtp_use_tls, cfg.smtp_use_starttls) == ("smtp.example.com", 465, True, False)
+    assert (cfg.smtp_timeout_seconds, cfg.smtp_max_concurrent_sends, cfg.log_level) == (10, 4, "DEBUG")
+    assert (cfg.idempotency_ttl_seconds, cfg.idempotency_max_entries, cfg.http_body_limit_bytes) == (60, 50, 2048)
+    assert cfg.smtp_configured
+
+
+@pytest.mark.parametrize("port, bind", [
+    ("", "0.0.0.0:8084"), (":8084", "0.0.0.0:8084"), ("8084", "0.0.0.0:8084"),
+    ("127.0.0.1:9001", "127.0.0.1:9001"), ("[::1]:9002", "[::1]:9002"),
+])
+def test_port_forms(port, bind):
+    assert load_config({"PORT": port}).bind == bind
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "abc"}, "PORT"), ({"PORT": ":70000"}, "PORT"), ({"PORT": "host:"}, "PORT"),
+    ({"SMTP_PORT": "abc"}, "SMTP_PORT"), ({"SMTP_PORT": "0"}, "SMTP_PORT"),
+    ({"SMTP_USE_TLS": "maybe"}, "SMTP_USE_TLS"), ({"SMTP_USE_STARTTLS": "sometimes"}, "SMTP_USE_STARTTLS"),
+    ({"SMTP_SKIP_TLS_VERIFY": "2"}, "SMTP_SKIP_TLS_VERIFY"),
+    ({"SMTP_USE_TLS": "true", "SMTP_USE_STARTTLS": "true"}, "SMTP_USE_TLS"),
+    ({"SMTP_TIMEOUT_SECONDS": "soon"}, "SMTP_TIMEOUT_SECONDS"),
+    ({"SMTP_MAX_CONCURRENT_SENDS": "-1"}, "SMTP_MAX_CONCURRENT_SENDS"),
+    ({"IDEMPOTENCY_TTL_SECONDS": "5m"}, "IDEMPOTENCY_TTL_SECONDS"),
+    ({"IDEMPOTENCY_MAX_ENTRIES": "lots"}, "IDEMPOTENCY_MAX_ENTRIES"),
+    ({"HTTP_BODY_LIMIT_BYTES": "64k"}, "HTTP_BODY_LIMIT_BYTES"),
+    ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    ({"IDEMPOTENCY_STORE": "memory://", "WEB_CONCURRENCY": "2"}, "IDEMPOTENCY_STORE"),
+    ({"IDEMPOTENCY_STORE": "postgres://db"}, "IDEMPOTENCY_STORE"),
+    ({"SMTP_FROM": "Herald <noreply@example.com>"}, "SMTP_FROM"),
+    ({"SMTP_FROM_NAME": "Herald\r\nBcc: eve@example.com"}, "SMTP_FROM_NAME"),
+    ({"SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE"),
+    ({"SMTP_HOST": "smtp.example.com", "SMTP_USER": "u", "SMTP_PASSWORD": "pw",
+      "SMTP_USE_TLS": "false", "SMTP_USE_STARTTLS": "false"}, "SMTP_USER"),
+])
+def test_bad_value_raises_config_error_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError) as exc:
+        load_config(env)
+    message = str(exc.value)
+    assert variable in message and "\n" not in message
+    assert "pw" not in message.split()
+
+
+def test_bad_value_stops_the_app_factory():
+    with pytest.raises(ConfigError, match="SMTP_PORT"):
+        create_app({"SMTP_PORT": "abc"})
+
+
+def test_memory_store_with_one_worker_is_fine():
+    assert load_config({"IDEMPOTENCY_STORE": "memory://", "WEB_CONCURRENCY": "1"}).idempotency_store == "memory://"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_credentials_without_tls_are_allowed_to_loopback(host):
+    cfg = load_config({"SMTP_HOST": host, "SMTP_USER": "u", "SMTP_PASSWORD": "p", "SMTP_USE_STARTTLS": "false"})
+    assert cfg.smtp_user == "u"
+
+
+def test_api_key_rotation_list():
+    assert load_config({"API_KEY": " old-key , new-key ,"}).api_keys == ("old-key", "new-key")
+
+
+def test_secrets_from_files(tmp_path):
+    (tmp_path / "api_key").write_text("file-key-1\nfile-key-2\n")
+    (tmp_path / "smtp_password").write_text("file-password\n")
+    cfg = load_config({"API_KEY_FILE": str(tmp_path / "api_key"),
+                       "SMTP_PASSWORD_FILE": str(tmp_path / "smtp_password")})
+    assert cfg.api_keys == ("file-key-1", "file-key-2")
+    assert cfg.smtp_password == "file-password"
+
+
+def test_unreadable_secret_file_names_the_variable_not_the_content(tmp_path):
+    with pytest.raises(ConfigError, match="SMTP_PASSWORD_FILE"):
+        load_config({"SMTP_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+def test_repr_has_no_secrets():
+    cfg = load_config({"API_KEY": "api-key-sekrit,second-sekrit", "SMTP_PASSWORD": "smtp-pass-sekrit",
+                       "SMTP_HOST": "127.0.0.1", "SMTP_USER": "u"})
+    for text in (repr(cfg), str(cfg), f"{cfg!r}"):
+        assert "sekrit" not in text
+    assert "2 key(s)" in repr(cfg)
+
+
+def test_gunicorn_with_a_bad_value_exits_with_one_line_naming_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_"))}
+    env.update(SMTP_PORT="abc", PORT="127.0.0.1:1")  # never binds: startup stops first
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "SMTP_PORT" in lines[0] and "Traceback" not in lines[0]
