@@ -6,12 +6,15 @@ control characters first and refused, never stripped, so no input can add a head
 
 import dataclasses
 import email.policy
+import functools
+import random
 import re
-import time
+import sys
 import uuid
+from datetime import datetime, timezone
+from email.contentmanager import _encode_text  # set_content()'s own encoder; private, so tests pin its output
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import format_datetime
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -85,26 +88,69 @@ class MessageBuilder:
         self.domain = _ascii_domain(cfg.smtp_from)
         self.sender = f"{local}@{self.domain}" if local else ""
         self.from_header = Address(display_name=cfg.smtp_from_name, addr_spec=self.sender) if self.sender else None
+        self._from_line = _fold("From", self.from_header)
 
     def build(self, req: SendRequest) -> Envelope:
+        """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write.
+
+        Writing them directly takes tens of microseconds instead of about a millisecond;
+        tests/test_message_equivalence.py proves the output equal over a varied corpus.
+        """
         to = recipient(req.to)
         subject = req.subject or DEFAULT_SUBJECT
         if has_control_chars(subject):
             raise SendError("validation_failed", "subject contains a control character")
         if len(subject) > MAX_SUBJECT_CHARS:
             raise SendError("validation_failed", f"subject is longer than {MAX_SUBJECT_CHARS} characters")
-        msg = EmailMessage(policy=POLICY)
-        msg["From"] = self.from_header
-        msg["To"] = to
-        msg["Subject"] = subject
-        msg["Date"] = formatdate(time.time(), usegmt=True)
-        # Never raw request text: a fresh id at the sender's own domain.
-        msg["Message-ID"] = f"<{uuid.uuid4().hex}@{self.domain}>"
-        msg["Auto-Submitted"] = "auto-generated"
-        msg.set_content(effective_body(req), charset="utf-8")
+        head = [self._from_line, _short("To", to), _fold_cached("Subject", subject),
+                _short("Date", format_datetime(datetime.now(timezone.utc))),
+                # Never raw request text: a fresh id at the sender's own domain.
+                _short("Message-ID", f"<{uuid.uuid4().hex}@{self.domain}>"),
+                b"Auto-Submitted: auto-generated\r\n"]
+        text_head, text = _text_part(effective_body(req), "plain")
         if req.html:
-            msg.add_alternative(req.html, subtype="html", charset="utf-8")
-        # After the content: set_content() clears every Content-* header set before it.
+            html_head, html = _text_part(req.html, "html")
+            b = _boundary(text, html).encode("ascii")
+            head.append(b'MIME-Version: 1.0\r\nContent-Type: multipart/alternative;\r\n boundary="%s"\r\n' % b)
+            # EmailMessage gives the part it creates for the alternative a MIME-Version of its own.
+            body = b"".join((b"--", b, b"\r\n", text_head, b"\r\n", text, b"\r\n--", b, b"\r\n",
+                             html_head, b"MIME-Version: 1.0\r\n\r\n", html, b"\r\n--", b, b"--\r\n"))
+        else:
+            head += (text_head, b"MIME-Version: 1.0\r\n")
+            body = text
         if _LANGUAGE_TAG.fullmatch(req.locale):
-            msg["Content-Language"] = req.locale
-        return Envelope(self.sender, to, msg.as_bytes())
+            head.append(_fold_cached("Content-Language", req.locale))
+        head += (b"\r\n", body)
+        return Envelope(self.sender, to, b"".join(head))
+
+
+# Folding with the modern policy (parse, RFC 2047, refold) is what made building cost ~1 ms.
+# It stays the authority for every header; only values that fold to themselves skip it.
+def _fold(name: str, value) -> bytes:
+    return POLICY.fold_binary(*POLICY.header_store_parse(name, value))
+
+
+_fold_cached = functools.lru_cache(maxsize=512)(_fold)  # subjects and locales repeat
+
+
+def _short(name: str, value: str) -> bytes:
+    """A short ASCII value with nothing the parser would decode (an RFC 2047 "=?") is its own fold."""
+    line = f"{name}: {value}"
+    if len(line) <= POLICY.max_line_length and value.isascii() and "=?" not in value:
+        return line.encode("ascii") + b"\r\n"
+    return _fold(name, value)
+
+
+def _text_part(text: str, subtype: str):
+    """(headers, body) of a text/* part: the stdlib's own choice of 7bit, quoted-printable or base64."""
+    cte, payload = _encode_text(text, "utf-8", None, POLICY)
+    head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
+    return head.encode("ascii"), payload.replace("\n", "\r\n").encode("ascii")
+
+
+def _boundary(*parts: bytes) -> str:
+    """email.generator's boundary shape, never a line of the parts it separates."""
+    while True:
+        boundary = "=" * 15 + "%019d" % random.randrange(sys.maxsize) + "=="
+        if not any(b"--" + boundary.encode("ascii") in part for part in parts):
+            return boundary
