@@ -1,0 +1,201 @@
+"""A scripted SMTP server on 127.0.0.1 for byte-exact misbehaviour aiosmtpd cannot be made to show.
+
+One thread per connection. `fault(step, action)` makes the server misbehave at a step
+(greeting, ehlo, starttls, auth, mail, rcpt, data, dot) until `heal()`, or `times` times:
+  "close"  drop the connection without a reply
+  "stall"  stop answering (until the client gives up and closes)
+  "plain"  (starttls) say 220, then keep talking plain text instead of TLS
+  "4xx ..." / "5xx ..."  that reply; after a 421 the server closes, as RFC 5321 says
+Otherwise it behaves like a small, correct server. `received` holds every message whose final
+'.' arrived; `accepted` those it answered 250 to (what a real server would deliver).
+"""
+
+import socket
+import threading
+
+DEFAULT_REPLY = {
+    "greeting": "220 fault.example ESMTP ready",
+    "mail": "250 2.1.0 OK",
+    "rcpt": "250 2.1.5 OK",
+    "data": "354 End data with <CR><LF>.<CR><LF>",
+    "dot": "250 2.0.0 queued",
+    "auth": "235 2.7.0 Authentication successful",
+    "starttls": "220 2.0.0 Ready to start TLS",
+}
+
+
+class FaultServer:
+    def __init__(self, certs=None, auth=False):
+        self.certs, self.auth = certs, auth  # certs: offer STARTTLS with this trustme CA
+        self.received, self.accepted = [], []
+        self.recipients = []  # RCPT addresses per accepted message
+        self.sessions = 0
+        self._faults = {}
+        self._conns = set()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    # -- script ------------------------------------------------------------------
+
+    def fault(self, step, action, times=None):
+        with self._lock:
+            self._faults[step] = [action, times]
+
+    def heal(self):
+        with self._lock:
+            self._faults.clear()
+
+    def kick(self, reply="421 4.4.2 idle too long, closing"):
+        """Say `reply` unasked on every open connection and close it (an idle-timeout drop)."""
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.sendall(reply.encode() + b"\r\n")
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self._listener.close()
+        self.heal()
+        self.kick()
+
+    def env(self, **extra):
+        env = {"SMTP_HOST": "localhost" if self.certs else "127.0.0.1", "SMTP_PORT": str(self.port),
+               "SMTP_FROM": "noreply@example.com", "SMTP_USE_TLS": "false",
+               "SMTP_USE_STARTTLS": "true" if self.certs else "false"}
+        if self.certs:
+            env["SMTP_CA_FILE"] = self.certs.ca_file
+        if self.auth:
+            env.update(SMTP_USER="herald", SMTP_PASSWORD="fault-password")
+        env.update(extra)
+        return env
+
+    def _take(self, step):
+        with self._lock:
+            entry = self._faults.get(step)
+            if entry is None:
+                return None
+            if entry[1] is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._faults[step]
+            return entry[0]
+
+    # -- sessions ----------------------------------------------------------------
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            with self._lock:
+                self.sessions += 1
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            self._session(conn)
+        except OSError:
+            pass  # the client went away; that is its business
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _answer(self, conn, step, default=None):
+        """Reply for `step` as scripted: "ok", "refused" (a scripted reply), or None when the session is over."""
+        action = self._take(step)
+        if action == "close":
+            return None
+        if action == "stall":
+            conn.settimeout(None)
+            while conn.recv(4096):  # until the client closes its end
+                pass
+            return None
+        reply = (default or DEFAULT_REPLY[step]) if action in (None, "plain") else action
+        conn.sendall(reply.encode() + b"\r\n")
+        if reply.startswith("421"):
+            return None
+        return "ok" if action is None else ("plain" if action == "plain" else "refused")
+
+    def _session(self, conn):
+        rfile = conn.makefile("rb")
+        if not self._answer(conn, "greeting"):
+            return
+        tls, mail_from, rcpts = False, None, []
+        while True:
+            line = rfile.readline(4096)
+            if not line:
+                return
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb in (b"EHLO", b"HELO"):
+                lines = (["fault.example"] + (["STARTTLS"] if self.certs and not tls else [])
+                         + (["AUTH PLAIN LOGIN"] if self.auth else []) + ["8BITMIME"])
+                ehlo = "\r\n".join(f"250{' ' if i == len(lines) - 1 else '-'}{x}" for i, x in enumerate(lines))
+                if not self._answer(conn, "ehlo", ehlo):
+                    return
+            elif verb == b"STARTTLS":
+                outcome = self._answer(conn, "starttls")
+                if outcome is None:
+                    return
+                if outcome == "ok":
+                    with self._lock:
+                        self._conns.discard(conn)
+                        conn = self.certs.server_context().wrap_socket(conn, server_side=True)
+                        self._conns.add(conn)
+                    rfile, tls = conn.makefile("rb"), True
+                elif outcome == "plain":
+                    conn.sendall(b"this is not a TLS handshake\r\n")
+            elif verb == b"AUTH":
+                if not self._answer(conn, "auth"):
+                    return
+            elif verb == b"MAIL":
+                outcome = self._answer(conn, "mail")
+                if outcome is None:
+                    return
+                mail_from, rcpts = (line, []) if outcome == "ok" else (None, [])
+            elif verb == b"RCPT":
+                outcome = self._answer(conn, "rcpt")
+                if outcome is None:
+                    return
+                if outcome == "ok":
+                    rcpts.append(line[8:].strip().decode())
+            elif verb == b"DATA":
+                outcome = self._answer(conn, "data")
+                if outcome is None:
+                    return
+                if outcome != "ok" or mail_from is None or not rcpts:
+                    continue
+                data = []
+                while True:
+                    chunk = rfile.readline(65536)
+                    if not chunk:
+                        return
+                    if chunk == b".\r\n":
+                        break
+                    data.append(chunk[1:] if chunk.startswith(b"..") else chunk)
+                message = b"".join(data)
+                self.received.append(message)
+                outcome = self._answer(conn, "dot")
+                if outcome == "ok":
+                    self.accepted.append(message)
+                    self.recipients.append(rcpts)
+                if outcome is None:
+                    return
+                mail_from, rcpts = None, []
+            elif verb == b"RSET":
+                mail_from, rcpts = None, []
+                conn.sendall(b"250 2.0.0 OK\r\n")
+            elif verb == b"NOOP":
+                conn.sendall(b"250 2.0.0 OK\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"502 5.5.2 command not recognised\r\n")
