@@ -109,9 +109,10 @@ def test_probes_need_no_api_key(keyed):
     assert keyed.get("/readyz").status_code == 200
 
 
-def test_request_id_passed_through(client):
+def test_request_id_passed_through(client, logs):
     resp = send_json(client, OK, **{"X-Request-ID": "req-42.abc"})
     assert resp.headers["X-Request-ID"] == "req-42.abc"
+    assert '"request_id": "req-42.abc"' in logs.getvalue()  # the operator can follow it into our logs
 
 
 def test_request_id_generated_when_absent_or_unsafe(client):

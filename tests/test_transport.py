@@ -149,7 +149,7 @@ def test_server_that_drops_idle_connections(make_server, make_app):
     server = make_server(timeout=1)  # aiosmtpd closes a session idle for a second
     client = make_app(server.env()).test_client()
     assert send(client, to="first@example.com").status_code == 200
-    time.sleep(1.5)
+    time.sleep(2)
     resp = send(client, to="second@example.com")
     assert resp.status_code == 200, resp.get_json()
     assert server.sessions == 2
