@@ -4,17 +4,27 @@ Everything comes from the environment (and `.env`; the real environment wins), p
 same loader the app uses, so a bad value stops the master with one line before any worker.
 """
 
+import glob
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from dotenv import load_dotenv
 from gunicorn.glogging import Logger
 
 load_dotenv(override=False)
 
+# prometheus_client picks multiprocess mode when first imported (herald_smtp imports it), so the
+# directory is named before that: by default a private temp dir, emptied in on_starting.
+_METRICS_PREFIX = "herald-smtp-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from herald_smtp.config import ConfigError, load_config  # noqa: E402
+from prometheus_client import multiprocess  # noqa: E402
 
 try:
     _cfg = load_config(os.environ)
@@ -71,3 +81,23 @@ def worker_exit(server, worker):
     service = getattr(app, "extensions", {}).get("herald_smtp") if app is not None else None
     if service is not None:
         service.close()
+
+
+def on_starting(server):
+    """Each start counts from zero: a previous run's files would otherwise be added in."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):
+    """A dead worker has no sends in flight; its counters stay in the totals."""
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    parent, name = os.path.split(directory)
+    if parent == tempfile.gettempdir() and name.startswith(_METRICS_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)  # ours, made above

@@ -15,6 +15,7 @@ from .config import Config, ConfigError, load_config
 from .errors import SendError, envelope, from_http_status
 from .idempotency import open_store
 from .message import MessageBuilder
+from .metrics import Metrics
 from .transport import Transport
 
 __all__ = ["create_app", "Config", "ConfigError", "load_config"]
@@ -52,7 +53,7 @@ def create_app(config=None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.http_body_limit_bytes
-    metrics = None
+    metrics = Metrics()
     app.extensions["herald_smtp"] = Service(
         config=config,
         builder=MessageBuilder(config),
@@ -66,6 +67,7 @@ def create_app(config=None) -> Flask:
 
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
+    metrics.init_app(app)
 
     @app.before_request
     def request_id():

@@ -1,6 +1,8 @@
-"""Operational endpoints: liveness and readiness (no API key: probes carry none)."""
+"""Operational endpoints: liveness and readiness (no API key: probes carry none), metrics."""
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
+
+from .api import check_api_key
 
 bp = Blueprint("ops", __name__)
 
@@ -17,3 +19,12 @@ def readyz():
         return {"status": "not_ready", "service": "herald-smtp",
                 "reason": "SMTP_HOST and SMTP_FROM must be set"}, 503
     return {"status": "ready", "service": "herald-smtp"}
+
+
+@bp.get("/metrics")
+def metrics():
+    svc = current_app.extensions["herald_smtp"]
+    if svc.config.metrics_require_api_key:
+        check_api_key(svc.config.api_keys)
+    body, content_type = svc.metrics.render()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,216 @@
+"""GET /metrics: Prometheus text that adds up every gunicorn worker, without user text in labels."""
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import API_KEY, send_json, unique_key
+
+
+def parse(text: str) -> dict:
+    """{(sample name, ((label, value), ...)): value}"""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def sends(samples, outcome, error_code=""):
+    return value(samples, "herald_smtp_sends_total", outcome=outcome, error_code=error_code)
+
+
+# -- in one process (the test client) ----------------------------------------------
+
+def test_metrics_count_sends_replays_conflicts_and_connections(make_app, smtp_server):
+    client = make_app(smtp_server.env()).test_client()
+    key = unique_key()
+    assert send_json(client, {"to": "alice@example.com", "body": "one"}, key=key).status_code == 200
+    assert send_json(client, {"to": "alice@example.com", "body": "one"}, key=key).status_code == 200
+    assert send_json(client, {"to": "alice@example.com", "body": "two"}, key=key).status_code == 409
+    assert send_json(client, {"to": "bob@example.com"}).status_code == 200
+    assert send_json(client, {"to": "not an address"}).status_code == 400
+
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.content_type.startswith("text/plain")
+    m = parse(resp.get_data(as_text=True))
+    assert sends(m, "sent") == 2
+    assert sends(m, "replayed") == 1
+    assert sends(m, "failed", "idempotency_conflict") == 1
+    assert sends(m, "failed", "invalid_destination") == 1
+    assert value(m, "herald_smtp_idempotency_total", result="replayed") == 1
+    assert value(m, "herald_smtp_idempotency_total", result="conflict") == 1
+    assert value(m, "herald_smtp_send_duration_seconds_count", outcome="sent") == 2
+    assert value(m, "herald_smtp_send_duration_seconds_count", outcome="failed") == 2
+    # Both sends rode one SMTP session, as the server saw it.
+    assert value(m, "herald_smtp_smtp_connections_total", kind="opened") == smtp_server.sessions == 1
+    assert value(m, "herald_smtp_smtp_connections_total", kind="reused") == 1
+    assert value(m, "herald_smtp_sends_in_flight") == 0
+
+
+def test_metrics_hold_no_recipient_key_or_text(make_app, smtp_server):
+    client = make_app(smtp_server.env()).test_client()
+    send_json(client, {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"},
+              key="key-XYZ")
+    send_json(client, {"to": "dave.secret@nowhere"})
+    text = client.get("/metrics").get_data(as_text=True)
+    for secret in ("carol", "dave", "example.com", "nowhere", "XYZ"):
+        assert secret not in text
+
+
+def test_metrics_are_open_by_default_even_with_an_api_key(make_app, smtp_server):
+    client = make_app(smtp_server.env(API_KEY=API_KEY)).test_client()
+    assert client.post("/v1/send", json={"to": "a@example.com"}).status_code == 401
+    assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_require_the_api_key_when_asked(make_app, smtp_server):
+    client = make_app(smtp_server.env(API_KEY=f"old-key,{API_KEY}", METRICS_REQUIRE_API_KEY="true")).test_client()
+    resp = client.get("/metrics")
+    assert resp.status_code == 401
+    assert resp.get_json()["error_code"] == "unauthorized"
+    assert client.get("/metrics", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/metrics", headers={"X-API-Key": API_KEY}).status_code == 200
+    assert client.get("/healthz").status_code == 200  # probes carry no key
+
+
+# -- across gunicorn workers ---------------------------------------------------------
+
+def scrape(g, **headers):
+    req = urllib.request.Request(g.url + "/metrics", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return parse(resp.read().decode())
+
+
+@contextlib.contextmanager
+def only_through(g, worker):
+    """Every request in the block reaches `worker`: the other worker is stopped (SIGSTOP),
+    so it cannot accept from the listening socket the workers share."""
+    others = [p for p in g.worker_pids() if p != worker]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def wait_for(predicate, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def two_workers(g):
+    wait_for(lambda: len(g.worker_pids()) == 2)  # healthy means one worker is up, maybe not both
+    return g.worker_pids()
+
+
+def test_metrics_add_up_every_gunicorn_worker(gunicorn, smtp_server):
+    g = gunicorn(smtp_server.env(), workers=2, threads=2)
+    a, b = two_workers(g)
+    key = unique_key()
+    with only_through(g, a):
+        for i in range(3):
+            assert g.post({"to": f"user{i}@example.com", "body": "hello"}, key=key if i == 0 else None)[0] == 200
+    with only_through(g, b):
+        for i in range(3, 5):
+            assert g.post({"to": f"user{i}@example.com", "body": "hello"})[0] == 200
+        # The key was first used on worker a; the shared store replays it here.
+        assert g.post({"to": "user0@example.com", "body": "hello"}, key=key)[0] == 200
+        assert g.post({"to": "user0@example.com", "body": "changed"}, key=key)[0] == 409
+        assert g.post({"to": "nobody"})[0] == 400
+
+    def totals_are_right(m):
+        assert sends(m, "sent") == 5  # 3 through a + 2 through b
+        assert sends(m, "replayed") == 1
+        assert sends(m, "failed", "idempotency_conflict") == 1
+        assert sends(m, "failed", "invalid_destination") == 1
+        assert value(m, "herald_smtp_idempotency_total", result="replayed") == 1
+        assert value(m, "herald_smtp_idempotency_total", result="conflict") == 1
+        assert value(m, "herald_smtp_send_duration_seconds_count", outcome="sent") == 5
+        opened = value(m, "herald_smtp_smtp_connections_total", kind="opened")
+        assert opened == smtp_server.sessions
+        assert opened + value(m, "herald_smtp_smtp_connections_total", kind="reused") == 5
+        assert value(m, "herald_smtp_sends_in_flight") == 0
+
+    # Whichever worker answers the scrape, it reports both workers' counts.
+    for worker in (a, b):
+        with only_through(g, worker):
+            totals_are_right(scrape(g))
+
+    # A worker that dies is replaced; what it counted stays in the totals.
+    os.kill(a, signal.SIGKILL)
+    wait_for(lambda: a not in g.worker_pids())
+    two_workers(g)
+    wait_for(lambda: urllib.request.urlopen(g.url + "/healthz", timeout=5).status == 200)
+    for worker in g.worker_pids():
+        with only_through(g, worker):
+            totals_are_right(scrape(g))
+
+
+def test_in_flight_sends_are_summed_over_live_workers(gunicorn, smtp_server):
+    g = gunicorn(smtp_server.env(), workers=2, threads=2)
+    a, b = two_workers(g)
+    smtp_server.handler.data_gate = gate = threading.Event()
+    results = []
+
+    def post(i):
+        results.append(g.post({"to": f"held{i}@example.com"})[0])
+
+    threads = []
+    try:
+        for i, worker in enumerate((a, b)):  # one held send in each worker
+            with only_through(g, worker):
+                threads.append(threading.Thread(target=post, args=(i,)))
+                threads[-1].start()
+                wait_for(lambda: len(smtp_server.handler.data_peers) == i + 1)
+        assert value(scrape(g), "herald_smtp_sends_in_flight") == 2
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert results == [200, 200]
+    assert value(scrape(g), "herald_smtp_sends_in_flight") == 0
+
+
+def test_each_start_counts_from_zero(gunicorn, smtp_server, tmp_path):
+    env = smtp_server.env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"))
+    first = gunicorn(env, workers=1, threads=1)
+    assert first.post({"to": "a@example.com"})[0] == 200
+    assert sends(scrape(first), "sent") == 1
+    first.stop()
+    second = gunicorn(env, workers=1, threads=1)
+    assert sends(scrape(second), "sent") == 0
+
+
+def test_metrics_through_gunicorn_can_require_the_api_key(gunicorn, smtp_server):
+    g = gunicorn(smtp_server.env(API_KEY=API_KEY, METRICS_REQUIRE_API_KEY="true"), workers=1, threads=1)
+    try:
+        scrape(g)
+        raise AssertionError("scrape without a key was answered")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+    assert value(scrape(g, **{"X-API-Key": API_KEY}), "herald_smtp_sends_in_flight") == 0
+
+
+def test_the_default_metrics_directory_is_private_and_removed_on_exit(gunicorn, smtp_server, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    g = gunicorn(smtp_server.env(TMPDIR=str(tmp)), workers=1, threads=1)
+    assert g.post({"to": "a@example.com"})[0] == 200
+    [directory] = tmp.glob("herald-smtp-metrics-*")
+    assert directory.stat().st_mode & 0o077 == 0  # other users can neither read nor plant files
+    assert list(directory.glob("counter_*.db"))
+    g.stop()
+    assert not directory.exists()
