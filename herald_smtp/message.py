@@ -60,7 +60,18 @@ def recipient(to: str) -> str:
                                allow_domain_literal=False, allow_empty_local=False)
     except EmailNotValidError:
         raise SendError("invalid_destination", "to is not exactly one valid email address") from None
+    if "=?" in valid.ascii_email and not _header_says(valid.ascii_email):
+        raise SendError("invalid_destination", "to is not exactly one valid email address")
     return valid.ascii_email
+
+
+def _header_says(address: str) -> bool:
+    """The To header's parser decodes RFC 2047 words, even in an address: "=?utf-8?q?a=40b.org=2C_c?=@x"
+    would be written as two addresses. True when the header would name exactly `address`."""
+    try:
+        return str(POLICY.header_store_parse("To", address)[1]) == address
+    except ValueError:
+        return False
 
 
 def effective_body(req: SendRequest) -> str:
@@ -100,6 +111,9 @@ class MessageBuilder:
         subject = req.subject or DEFAULT_SUBJECT
         if has_control_chars(subject):
             raise SendError("validation_failed", "subject contains a control character")
+        # The header parser decodes RFC 2047 words: "=?utf-8?q?=0D=0A?=" would write a line break.
+        if "=?" in subject and has_control_chars(str(POLICY.header_store_parse("Subject", subject)[1])):
+            raise SendError("validation_failed", "subject contains an encoded control character")
         if len(subject) > MAX_SUBJECT_CHARS:
             raise SendError("validation_failed", f"subject is longer than {MAX_SUBJECT_CHARS} characters")
         head = [self._from_line, _short("To", to), _fold_cached("Subject", subject),
