@@ -6,6 +6,7 @@ request JSON -> SendRequest -> Envelope (message.py) -> idempotency -> transport
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -20,6 +21,7 @@ bp = Blueprint("api", __name__)
 log = logging.getLogger("herald_smtp.api")
 
 MAX_KEY_BYTES = 256
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _STRING_FIELDS = ("channel", "to", "subject", "body", "html", "template", "locale", "idempotency_key")
 
 
@@ -95,6 +97,9 @@ def _json_object() -> dict:
     if not request.is_json:
         raise SendError("invalid_request", "Content-Type must be application/json", 415)
     raw = request.get_data(cache=False)  # MAX_CONTENT_LENGTH turns an oversize body into 413
+    if request.content_length is None and len(raw) >= request.max_content_length:
+        # A chunked body is cut at the limit by werkzeug, not refused: refuse it here.
+        raise SendError("invalid_request", "request body too large", 413)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except UnicodeDecodeError:
@@ -129,6 +134,9 @@ def _send_request(obj: dict, max_timeout: float):
     params = obj.get("params") or {}
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         raise SendError("invalid_request", "params must be an object of strings")
+    # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 mail or log line can carry.
+    if any(_SURROGATE.search(v) for v in (*values.values(), *params.values(), *params)):
+        raise SendError("invalid_request", "a string contains an unpaired surrogate escape")
     timeout = obj.get("timeout_seconds")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
         raise SendError("invalid_request", "timeout_seconds must be a non-negative integer")
