@@ -1,6 +1,7 @@
 """POST /v1/send through the Flask test client against a real aiosmtpd server:
 every row of CONTRACT.md's error table, the success shape, content fallbacks, probes."""
 
+import json
 import socket
 import threading
 import time
@@ -214,8 +215,6 @@ def test_body_over_the_limit_is_413(make_app, smtp_server):
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_content_type_not_json_is_415(client, smtp_server, content_type):
-    import json
-
     headers = {"Content-Type": content_type} if content_type else {}
     resp = client.post("/v1/send", data=json.dumps(OK), headers=headers)
     assert_error(resp, 415, "invalid_request")
