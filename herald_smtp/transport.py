@@ -102,6 +102,27 @@ class Transport:
         for s in sessions:
             self._drop(s, polite=True)
 
+    def probe(self, sender: str, deadline: float) -> None:
+        """Go as far as a send without sending: connect, EHLO, STARTTLS, AUTH, MAIL FROM, then
+        RSET and QUIT. Raises the SendError a send would (`python -m herald_smtp check`)."""
+        try:
+            session = self._open(deadline)
+            try:
+                self._step(session.smtp, deadline)
+                code, _ = session.smtp.mail(sender)
+                if code != 250:
+                    raise _reply_error("the sender", code)
+                self._step(session.smtp, deadline)
+                session.smtp.rset()
+            except (OSError, smtplib.SMTPException) as e:
+                if _timed_out(e, deadline):
+                    raise TimeoutError from None
+                raise self._open_error(e) from None
+            finally:
+                self._drop(session, polite=True)
+        except TimeoutError:
+            raise SendError("timeout", "SMTP server did not answer before the deadline") from None
+
     # -- connections -------------------------------------------------------------
 
     def _cached(self):

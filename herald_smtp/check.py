@@ -1,0 +1,118 @@
+"""`python -m herald_smtp check`: would a send work with this configuration?
+
+Loads the configuration as the service does (.env, then the real environment on top), reports
+every problem it finds, then goes as far as a real send (EHLO, STARTTLS, AUTH, MAIL FROM) and
+says RSET instead of sending. Prints no secret, no SMTP host and no recipient.
+"""
+
+import os
+import re
+import time
+
+from .config import Config, ConfigError, _is_loopback, load_config
+from .errors import SendError
+from .idempotency import StoreUnavailable, open_store
+from .logs import mask
+from .message import MessageBuilder, SendRequest
+from .transport import Transport
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def run(send_to: str = "", out=print) -> int:
+    """Print one line per finding and a verdict line last; return the exit status."""
+    from dotenv import load_dotenv
+
+    load_dotenv(override=False)  # as create_app: the real environment wins over .env
+    cfg, problems = _load(os.environ)
+    for problem in problems:
+        out(f"problem: {problem}")
+    if cfg is None:
+        out(f"check failed: {len(problems)} configuration problem(s); the service would not start")
+        return EXIT_CONFIG
+    out("ok: configuration loaded")
+    for warning in _warnings(cfg):
+        out(f"warning: {warning}")
+    if not cfg.smtp_configured:
+        out("check failed: SMTP_HOST and SMTP_FROM must be set; every send would answer 503")
+        return EXIT_FAILED
+    try:
+        _check_store(cfg)
+        out("ok: idempotency store usable")
+        sender = MessageBuilder(cfg).sender
+        Transport(cfg).probe(sender, time.monotonic() + cfg.smtp_timeout_seconds)
+        out(f"ok: SMTP on port {cfg.smtp_port} ({_mode(cfg)}) accepted the sender; RSET, nothing sent")
+        if send_to:
+            out(f"ok: test message sent to {mask(_send_test(cfg, send_to))}")
+    except SendError as err:
+        out(f"check failed: {err.message}")
+        return EXIT_FAILED
+    out("check passed: a send would work")
+    return EXIT_OK
+
+
+def _load(env):
+    """(Config or None, problems). load_config stops at the first bad variable: set that one
+    aside and load again, so one run names every bad variable."""
+    env, problems = dict(env), []
+    while True:
+        try:
+            cfg = load_config(env)
+        except ConfigError as e:
+            problems.append(str(e))
+            name = re.match(r"[A-Z_]+", str(e))
+            if name is None or name.group() not in env:
+                return None, problems
+            del env[name.group()]
+            continue
+        return (None if problems else cfg), problems
+
+
+def _warnings(cfg: Config):
+    if not cfg.api_keys:
+        yield "API_KEY is empty: anyone who can reach the service can send mail through it"
+    if cfg.metrics_require_api_key and not cfg.api_keys:
+        yield "METRICS_REQUIRE_API_KEY is true but API_KEY is empty: /metrics is open"
+    if cfg.smtp_skip_tls_verify:
+        yield "SMTP_SKIP_TLS_VERIFY is true: the SMTP server's certificate is not checked"
+    if not (cfg.smtp_use_tls or cfg.smtp_use_starttls) and cfg.smtp_host and not _is_loopback(cfg.smtp_host):
+        yield "TLS is off: mail and codes cross the network in clear"
+
+
+def _mode(cfg: Config) -> str:
+    tls = "implicit TLS" if cfg.smtp_use_tls else "STARTTLS" if cfg.smtp_use_starttls else "no TLS"
+    return tls + (", AUTH" if cfg.smtp_user else "")
+
+
+def _check_store(cfg: Config) -> None:
+    url = cfg.idempotency_store
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        store = open_store(url, cfg.idempotency_max_entries)
+        try:
+            store.get("herald-smtp-check")
+        except StoreUnavailable:
+            raise SendError("provider_down", "idempotency store (Redis) unreachable; sends would answer 503") from None
+        finally:
+            store.close()
+    elif not url.startswith("memory://"):
+        # Look, do not create: a file made by root here would lock out the service user.
+        path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
+        target = path if os.path.exists(path) else os.path.dirname(path) or "."
+        while not os.path.exists(target):  # the service creates missing directories
+            target = os.path.dirname(target) or "."
+        if not os.access(target, os.R_OK | os.W_OK):
+            raise SendError("provider_down", "IDEMPOTENCY_STORE: this user cannot write the SQLite file "
+                                             "or its directory; sends would answer 503")
+
+
+def _send_test(cfg: Config, to: str) -> str:
+    envelope = MessageBuilder(cfg).build(SendRequest(
+        to=to, subject="herald-smtp check",
+        body="This test message was sent by `python -m herald_smtp check --send-to`.\n"
+             "If you can read it, herald-smtp can deliver mail."))
+    transport = Transport(cfg)
+    try:
+        transport.send(envelope.sender, envelope.recipient, envelope.data, time.monotonic() + cfg.smtp_timeout_seconds)
+    finally:
+        transport.close_all()
+    return envelope.recipient
