@@ -1,0 +1,48 @@
+"""SIGTERM to gunicorn while sends are in flight: each finishes and answers 200, then SMTP QUIT."""
+
+import signal
+import threading
+import time
+
+
+def wait_for(predicate, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_sigterm_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn, smtp_server):
+    in_flight = 4  # at most one worker's threads: wherever they land, all reach DATA at once
+    g = gunicorn(smtp_server.env(), workers=2, threads=in_flight)
+    wait_for(lambda: len(g.worker_pids()) == 2)
+    handler = smtp_server.handler
+    handler.data_gate = gate = threading.Event()  # hold every DATA until the signal is in
+    handler.data_delay = 2.0  # and then answer slowly, while the workers are stopping
+    results = {}
+
+    def post(i):
+        results[i] = g.post({"to": f"user{i}@example.com", "body": f"code {i}"}, timeout=60)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(in_flight)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(handler.data_peers) == in_flight)
+        g.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Handling signal: term" in g.log_path.read_text())
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(60)
+
+    answers = [results.get(i, ("no answer", None)) for i in range(in_flight)]
+    assert [status for status, _ in answers] == [200] * in_flight
+    assert all(body["ok"] for _, body in answers)
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == [f"user{i}@example.com" for i in range(in_flight)]
+    assert g.proc.wait(timeout=60) == 0
+    log = g.stop()
+    assert "Worker timeout" not in log and "SIGKILL" not in log
+    # Every SMTP session the workers opened was closed politely on their way out.
+    assert smtp_server.sessions == in_flight
+    assert handler.commands["QUIT"] == in_flight
