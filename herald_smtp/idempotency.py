@@ -184,6 +184,14 @@ class SQLiteStore:
                    " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
                    " expires_at REAL NOT NULL) WITHOUT ROWID")
         db.execute("CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at)")
+        # A running row count: a new key must not cost a count(*) over the whole table.
+        db.execute("CREATE TABLE IF NOT EXISTS idempotency_size (n INTEGER NOT NULL)")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT n FROM idempotency_size").fetchone() is None:
+                db.execute("INSERT INTO idempotency_size SELECT count(*) FROM idempotency")
+        finally:
+            db.execute("COMMIT")
 
     def _db(self):
         # One connection per thread (and so per forked worker: they are opened lazily).
@@ -206,12 +214,16 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time()
-                rec = self._row(db, key, now)
+                row = db.execute("SELECT fingerprint, state, token, message_id, error_code, error_message,"
+                                 " expires_at FROM idempotency WHERE key = ?", (key,)).fetchone()
+                rec = Record(*row[:6]) if row and row[6] > now else None
                 outcome = decide(rec, fp)
                 if outcome != NEW:
                     return outcome, rec, None
-                if rec is None and not self._has_room(db, now):
-                    return FULL, None, None
+                if row is None:  # a key with a row, even an expired one, does not grow the store
+                    if not self._has_room(db, now):
+                        return FULL, None, None
+                    db.execute("UPDATE idempotency_size SET n = n + 1")
                 token = uuid.uuid4().hex
                 db.execute("INSERT OR REPLACE INTO idempotency (key, fingerprint, state, token, expires_at)"
                            " VALUES (?, ?, ?, ?, ?)", (key, fp, PENDING, token, now + lease))
@@ -222,11 +234,16 @@ class SQLiteStore:
             raise StoreUnavailable(str(e)) from None
 
     def _has_room(self, db, now):
-        if now - self._last_purge > self.PURGE_EVERY:
-            self._last_purge = now
-            db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-        count = db.execute("SELECT count(*) FROM idempotency WHERE expires_at > ?", (now,)).fetchone()[0]
-        return count < self.max_entries
+        (n,) = db.execute("SELECT n FROM idempotency_size").fetchone()
+        if n < self.max_entries and now - self._last_purge < self.PURGE_EVERY:
+            return True
+        # Purge expired rows at most once a second, or now if they may be what fills the store,
+        # and recount exactly while at it.
+        self._last_purge = now
+        db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        (n,) = db.execute("SELECT count(*) FROM idempotency").fetchone()
+        db.execute("UPDATE idempotency_size SET n = ?", (n,))
+        return n < self.max_entries
 
     def get(self, key):
         try:
