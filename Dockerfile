@@ -8,7 +8,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.txt /tmp/requirements.txt
-# Wheels only: nothing is compiled, so no compiler is needed here or left in the image.
+# Wheels only: nothing is compiled, so no compiler is needed; the venv needs no pip at run time.
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt \
  && /opt/venv/bin/pip uninstall --yes pip setuptools

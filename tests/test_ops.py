@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT, free_port
 from herald_smtp.config import default_idempotency_store, load_config
@@ -164,7 +165,6 @@ def test_dockerignore_keeps_secrets_and_clutter_out_and_what_is_copied_in():
 # -- compose.yaml -------------------------------------------------------------------
 
 def compose():
-    yaml = pytest.importorskip("yaml")
     return yaml.safe_load(read("compose.yaml"))
 
 
