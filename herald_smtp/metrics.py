@@ -8,8 +8,9 @@ error codes), never a recipient, a key or any request text.
 """
 
 import os
+import time
 
-from flask import g, request
+from flask import g, has_request_context, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
 
@@ -50,6 +51,8 @@ class Metrics:
 
     def send(self, outcome: str, seconds: float) -> None:
         """`outcome`: "sent", "replayed" or an error_code."""
+        if has_request_context():
+            g.metrics_recorded = True
         if outcome in ("sent", "replayed"):
             kind, code = outcome, ""
         else:
@@ -66,13 +69,22 @@ class Metrics:
         self.connections.labels(kind).inc()
 
     def init_app(self, app) -> None:
-        """Count POST /v1/send requests while they are handled."""
+        """Count POST /v1/send requests while they are handled, and the answers the view
+        never reached (401 from the API key check, 413 from the body limit)."""
 
         @app.before_request
         def _in_flight_start():
             if request.endpoint == "api.send":
                 self.in_flight.inc()
                 g.metrics_in_flight = True
+                g.metrics_started = time.monotonic()
+
+        @app.after_request
+        def _count_unrecorded(response):
+            if g.get("metrics_in_flight") and not g.get("metrics_recorded"):
+                code = (response.get_json(silent=True) or {}).get("error_code") or "send_failed"
+                self.send(code, time.monotonic() - g.metrics_started)
+            return response
 
         @app.teardown_request
         def _in_flight_end(_exc):

@@ -56,6 +56,20 @@ def test_metrics_count_sends_replays_conflicts_and_connections(make_app, smtp_se
     assert value(m, "herald_smtp_sends_in_flight") == 0
 
 
+def test_answers_before_the_send_view_are_counted_too(make_app, smtp_server):
+    client = make_app(smtp_server.env(API_KEY=API_KEY, HTTP_BODY_LIMIT_BYTES="1024")).test_client()
+    assert send_json(client, {"to": "a@example.com"}).status_code == 401  # a wrong key in Herald
+    headers = {"X-API-Key": API_KEY}
+    assert send_json(client, {"to": "a@example.com", "body": "x" * 2000}, **headers).status_code == 413
+    assert send_json(client, {"to": "a@example.com"}, **headers).status_code == 200
+    m = parse(client.get("/metrics").get_data(as_text=True))
+    assert sends(m, "failed", "unauthorized") == 1
+    assert sends(m, "failed", "invalid_request") == 1
+    assert sends(m, "sent") == 1
+    assert value(m, "herald_smtp_send_duration_seconds_count", outcome="failed") == 2
+    assert value(m, "herald_smtp_sends_in_flight") == 0
+
+
 def test_metrics_hold_no_recipient_key_or_text(make_app, smtp_server):
     client = make_app(smtp_server.env()).test_client()
     send_json(client, {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"},
