@@ -22,6 +22,14 @@ _METRICS_PREFIX = "herald-smtp-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
 
+
+def _remove_own_metrics_dir():
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    parent, name = os.path.split(directory)
+    if parent == tempfile.gettempdir() and name.startswith(_METRICS_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)  # ours, made above
+
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from herald_smtp.config import ConfigError, load_config  # noqa: E402
 from prometheus_client import multiprocess  # noqa: E402
@@ -30,6 +38,7 @@ try:
     _cfg = load_config(os.environ)
 except ConfigError as e:
     print(f"herald-smtp: configuration error: {e}", file=sys.stderr)
+    _remove_own_metrics_dir()  # on_exit never runs for a start that stops here
     sys.exit(2)
 
 bind = [_cfg.bind]
@@ -97,7 +106,4 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    parent, name = os.path.split(directory)
-    if parent == tempfile.gettempdir() and name.startswith(_METRICS_PREFIX):
-        shutil.rmtree(directory, ignore_errors=True)  # ours, made above
+    _remove_own_metrics_dir()

@@ -3,6 +3,8 @@
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -10,7 +12,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, send_json, unique_key
+from conftest import API_KEY, ROOT, free_port, send_json, unique_key
 
 
 def parse(text: str) -> dict:
@@ -228,3 +230,12 @@ def test_the_default_metrics_directory_is_private_and_removed_on_exit(gunicorn, 
     assert list(directory.glob("counter_*.db"))
     g.stop()
     assert not directory.exists()
+
+
+def test_a_start_stopped_by_bad_configuration_leaves_no_metrics_directory(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "SMTP_PORT": "abc", "PORT": f"127.0.0.1:{free_port()}"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "SMTP_PORT" in proc.stderr
+    assert list(tmp_path.glob("herald-smtp-metrics-*")) == []
