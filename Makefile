@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CAPTURE_PORT ?= 1025
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# herald-smtp against a connection-per-send relay, side by side (a few minutes; not a test).
+# Installs wrk and Postfix's smtp-sink with apt-get when missing. Options: BENCH_ARGS=--help.
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

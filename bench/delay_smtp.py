@@ -1,0 +1,88 @@
+"""An SMTP sink whose every reply arrives a set time after the command that caused it.
+
+`python bench/delay_smtp.py PORT DELAY_MS`. It models a relay across a WAN: the delay is on the
+wire, not in the server, so commands the client pipelines (RFC 2920; PIPELINING is offered)
+are answered together one delay later, and the number of waits the client makes is the number
+of round trips. On SIGTERM it prints {"sessions", "messages", "turns"} as one JSON line: a turn
+is one such wait (the greeting, or a batch of commands read at once).
+"""
+
+import asyncio
+import json
+import signal
+import sys
+
+stats = {"sessions": 0, "messages": 0, "turns": 0}
+
+
+class DelayedSMTP(asyncio.Protocol):
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.buffer = b""
+        self.in_data = False
+        self.due = 0.0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        stats["sessions"] += 1
+        self._reply([b"220 delay-sink ESMTP"])
+
+    def data_received(self, data):
+        self.buffer += data
+        replies = []
+        while True:
+            line, sep, rest = self.buffer.partition(b"\r\n")
+            if not sep:
+                break
+            self.buffer = rest
+            if self.in_data:
+                if line == b".":
+                    self.in_data = False
+                    stats["messages"] += 1
+                    replies.append(b"250 2.0.0 Ok: queued")
+                continue
+            replies.append(self._answer(line.split(b" ", 1)[0].upper()))
+        if replies:
+            self._reply(replies)
+
+    def _answer(self, verb: bytes) -> bytes:
+        if verb == b"EHLO":
+            return b"250-delay-sink\r\n250-PIPELINING\r\n250 8BITMIME"
+        if verb == b"DATA":
+            self.in_data = True
+            return b"354 End data with <CR><LF>.<CR><LF>"
+        if verb == b"QUIT":
+            return b"221 2.0.0 Bye"
+        if verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+            return b"250 2.0.0 Ok"
+        return b"502 5.5.2 Error: command not recognized"
+
+    def _reply(self, replies):
+        stats["turns"] += 1
+        loop = asyncio.get_running_loop()
+        # Strictly later than the previous batch, so replies keep their order.
+        self.due = max(loop.time() + self.delay, self.due + 1e-6)
+        payload = b"".join(r + b"\r\n" for r in replies)
+        loop.call_at(self.due, self._write, payload, replies[-1].startswith(b"221"))
+
+    def _write(self, payload: bytes, close: bool):
+        if not self.transport.is_closing():
+            self.transport.write(payload)
+            if close:
+                self.transport.close()
+
+
+async def main(port: int, delay: float):
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: DelayedSMTP(delay), "127.0.0.1", port, backlog=256)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    async with server:
+        await stop.wait()
+    print(json.dumps(stats), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) / 1000))

@@ -1,0 +1,405 @@
+"""herald-smtp benchmark, side by side in one run: `make bench` (options: `bench/run.py --help`).
+
+Throughput: wrk (bench/send.lua, a unique Idempotency-Key per request) against
+  - herald-smtp under its own gunicorn.conf.py,
+  - the connection-per-send baseline (bench/apps.py:baseline, same gunicorn.conf.py),
+  - a bare Flask JSON endpoint (bench/apps.py:bare): the HTTP ceiling,
+each sending to Postfix's smtp-sink, whose message count is checked against the 200s the
+server logged; and smtplib straight to the sink on open connections: the SMTP ceiling.
+Latency: sequential requests through an SMTP server that delays every reply
+(bench/delay_smtp.py), for herald-smtp and the baseline, also in round trips.
+Prints the tables and writes them to bench/results/latest.md and latest.json.
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+from herald_smtp.config import load_config  # noqa: E402
+from herald_smtp.message import MessageBuilder, SendRequest  # noqa: E402
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+API_KEY = "bench-api-key"
+SENDER = "noreply@example.com"
+TARGETS = {"herald": "app:app", "baseline": "bench.apps:baseline", "bare": "bench.apps:bare"}
+LABELS = {"herald": "herald-smtp", "baseline": "baseline: connection per send",
+          "bare": "HTTP ceiling: bare Flask JSON", "smtp": "SMTP ceiling: smtplib, open connections"}
+
+
+def ensure_tools():
+    missing = [pkg for pkg, ok in (("wrk", shutil.which("wrk")), ("postfix", os.path.exists(SMTP_SINK))) if not ok]
+    if not missing:
+        return
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit(f"bench needs wrk and Postfix's smtp-sink. Install them with:\n"
+                 f"  sudo DEBIAN_FRONTEND=noninteractive {' '.join(install)} && sudo postfix stop\n"
+                 f"(the benchmark needs no mail daemon on port 25, only the smtp-sink program)")
+    print(f"installing {' '.join(missing)} with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+    subprocess.run(install, env=env, check=True, stdout=subprocess.DEVNULL)
+    if "postfix" in missing:
+        # Where systemd runs, the package starts a mail daemon on port 25; nothing here wants it.
+        for cmd in (["postfix", "stop"], ["systemctl", "disable", "--now", "postfix"]):
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up")
+
+
+def cpu_seconds(*pids) -> float:
+    """User plus system CPU time of these processes (Linux /proc), to cost each request."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def stop(proc, timeout=40):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Sink:
+    """smtp-sink on loopback; -c prints running counters ("... mesg=N") we read at the end."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.out = workdir / f"smtp-sink-{self.port}.out"
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
+        with open(self.out, "w") as out:
+            self.proc = subprocess.Popen([SMTP_SINK, "-c", *user, f"127.0.0.1:{self.port}", "1024"],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() or True, "smtp-sink")
+
+    def messages(self) -> int:
+        time.sleep(0.5)  # the counters update when a session ends
+        counts = re.findall(r"mesg=(\d+)", self.out.read_text())
+        return int(counts[-1]) if counts else 0
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self):
+        stop(self.proc)
+
+
+class Gunicorn:
+    """One of TARGETS under the project's gunicorn.conf.py, sending to 127.0.0.1:smtp_port."""
+
+    def __init__(self, target: str, smtp_port: int, workdir: Path, env: dict):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"{target}-{self.port}.log"
+        env = {**env, "PORT": f"127.0.0.1:{self.port}", "SMTP_PORT": str(smtp_port),
+               "IDEMPOTENCY_STORE": f"sqlite://{workdir}/idempotency-{self.port}.sqlite3"}
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", TARGETS[target]],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
+                 f"{target} (see {self.log})")
+
+    def answered(self):
+        """(200s, other statuses) for POST /v1/send, from the JSON access log: what clients were told."""
+        ok = other = 0
+        for line in self.log.read_text().splitlines():
+            if '"event": "access"' in line and '"/v1/send"' in line:
+                entry = json.loads(line)
+                if str(entry["status"]) == "200":
+                    ok += 1
+                else:
+                    other += 1
+        return ok, other
+
+    def cpu(self) -> float:
+        """The master's and the workers' CPU seconds so far."""
+        workers = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return cpu_seconds(self.proc.pid, *workers)
+
+    def stop(self):
+        stop(self.proc)  # SIGTERM: in-flight requests finish, workers QUIT their SMTP sessions
+
+
+def bench_env(workers: int, threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_", "PROMETHEUS_", "WEB_"))}
+    # Set, even when empty, so a developer's .env cannot change the run (the environment wins).
+    env.update(SMTP_HOST="127.0.0.1", SMTP_FROM=SENDER, SMTP_USE_STARTTLS="false", SMTP_USE_TLS="false",
+               SMTP_USER="", SMTP_PASSWORD="", API_KEY=API_KEY, LOG_LEVEL="info",
+               IDEMPOTENCY_MAX_ENTRIES="100000000", WEB_CONCURRENCY=str(workers), WEB_THREADS=str(threads))
+    return env
+
+
+def wrk(url: str, seconds: float, connections: int) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(BENCH / "send.lua"),
+           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
+    return {"requests": r["requests"], "rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "wrk_errors": r["non_2xx"] + r["socket_errors"]}
+
+
+def throughput(target: str, args, workdir: Path, env: dict) -> dict:
+    sink = Sink(workdir)
+    try:
+        server = Gunicorn(target, sink.port, workdir, env)
+        try:
+            wrk(server.url, args.warmup, args.connections)
+            cpu = server.cpu(), sink.cpu()
+            result = wrk(server.url, args.duration, args.connections)
+            # CPU per request holds up on a busy machine better than requests/s does.
+            result["server_cpu_us"] = (server.cpu() - cpu[0]) / result["requests"] * 1e6
+            result["sink_cpu_us"] = (sink.cpu() - cpu[1]) / result["requests"] * 1e6
+        finally:
+            server.stop()
+        result["ok"], result["non_2xx"] = server.answered()
+        result["delivered"] = sink.messages() if target != "bare" else None
+    finally:
+        sink.stop()
+    return result
+
+
+def _smtp_ceiling_process(port: int, threads: int, seconds: float, data: bytes) -> list:
+    latencies = []
+
+    def client():
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                smtp.sendmail(SENDER, ["user@example.com"], data)
+                latencies.append(time.perf_counter() - started)
+
+    pool = [threading.Thread(target=client) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return latencies
+
+
+def smtp_ceiling(args, workdir: Path, workers: int, threads: int) -> dict:
+    """As many processes and threads as gunicorn has, each on one open connection, no HTTP."""
+    data = MessageBuilder(load_config({"SMTP_FROM": SENDER, "IDEMPOTENCY_STORE": "memory://", "WEB_CONCURRENCY": "1"})
+                          ).build(SendRequest(to="user@example.com", params={"code": "123456"})).data
+    sink = Sink(workdir)
+    try:
+        before = os.times()
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            jobs = [pool.submit(_smtp_ceiling_process, sink.port, threads, args.duration, data) for _ in range(workers)]
+            latencies = sorted(x for job in jobs for x in job.result())
+        after = os.times()  # the pool's processes have been waited for: their CPU is counted
+        delivered = sink.messages()
+    finally:
+        sink.stop()
+    client_cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return {"rps": len(latencies) / args.duration, "p50_ms": percentile(latencies, 50) * 1000,
+            "server_cpu_us": client_cpu / len(latencies) * 1e6, "sink_cpu_us": None,
+            "p99_ms": percentile(latencies, 99) * 1000, "ok": len(latencies), "non_2xx": 0, "delivered": delivered}
+
+
+def percentile(sorted_values, p):
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
+
+
+def latency(target: str, args, workdir: Path, env: dict) -> dict:
+    """Sequential requests, one keep-alive HTTP connection, every SMTP reply delayed."""
+    port = free_port()
+    delay = subprocess.Popen([sys.executable, str(BENCH / "delay_smtp.py"), str(port), str(args.delay_ms)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        delay.stdout.readline()  # "ready"
+        server = Gunicorn(target, port, workdir, env)
+        times, failures = [], 0
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            for i in range(args.warmup_requests + args.requests):
+                body = json.dumps({"channel": "email", "to": f"user{i}@example.com", "subject": "Verification code",
+                                   "params": {"code": f"{i:06d}"}})
+                headers = {"Content-Type": "application/json", "X-API-Key": API_KEY,
+                           "Idempotency-Key": f"latency-{uuid.uuid4()}"}
+                started = time.perf_counter()
+                conn.request("POST", "/v1/send", body, headers)
+                response = conn.getresponse()
+                response.read()
+                if i >= args.warmup_requests:
+                    times.append(time.perf_counter() - started)
+                    failures += response.status != 200
+            conn.close()
+        finally:
+            server.stop()
+    finally:
+        delay.terminate()
+        out, _ = delay.communicate(timeout=10)
+    counts = json.loads(out.strip().splitlines()[-1])
+    times.sort()
+    p50, p99 = percentile(times, 50) * 1000, percentile(times, 99) * 1000
+    return {"p50_ms": p50, "p99_ms": p99, "p50_rt": p50 / args.delay_ms, "p99_rt": p99 / args.delay_ms,
+            "non_2xx": failures, "smtp_waits_per_mail": counts["turns"] / max(counts["messages"], 1),
+            "smtp_sessions": counts["sessions"], "smtp_messages": counts["messages"]}
+
+
+def median_of(rounds):
+    merged = {k: statistics.median(r[k] for r in rounds) for k in ("rps", "p50_ms", "p99_ms")}
+    for k in ("server_cpu_us", "sink_cpu_us"):
+        merged[k] = None if rounds[0][k] is None else statistics.median(r[k] for r in rounds)
+    for k in ("ok", "non_2xx", "wrk_errors"):
+        merged[k] = sum(r.get(k) or 0 for r in rounds)
+    merged["delivered"] = None if rounds[0]["delivered"] is None else sum(r["delivered"] for r in rounds)
+    merged["rounds_rps"] = [round(r["rps"]) for r in rounds]
+    return merged
+
+
+def render(results, args, workers, threads) -> str:
+    t, lat = results["throughput"], results["latency"]
+    base = t.get("baseline", {}).get("rps")
+    lines = [f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after {args.warmup:g} s warm-up, "
+             f"median of {args.rounds} interleaved rounds; gunicorn gthread {workers} workers x {threads} threads; "
+             f"smtp-sink on loopback.", "",
+             "| target | req/s | vs baseline | p50 ms | p99 ms | non-2xx | 200s answered | sink counted "
+             "| CPU us/req (+ sink) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in ("herald", "baseline", "bare", "smtp"):
+        if key in t:
+            r = t[key]
+            ratio = f"{r['rps'] / base:.2f}x" if base else "-"
+            sink = "-" if r["delivered"] is None else str(r["delivered"])
+            cpu = f"{r['server_cpu_us']:.0f}" + ("" if r["sink_cpu_us"] is None else f" (+ {r['sink_cpu_us']:.0f})")
+            lines.append(f"| {LABELS[key]} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['non_2xx']} | {r['ok']} | {sink} | {cpu} |")
+    if lat:
+        b50 = lat.get("baseline", {}).get("p50_ms")
+        lines += ["", f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), every SMTP "
+                  f"reply delayed {args.delay_ms:g} ms (one round trip); gunicorn {workers} workers x {threads} threads.", "",
+                  "| target | p50 ms | p99 ms | p50 round trips | p99 round trips | vs baseline p50 | "
+                  "SMTP waits per mail | non-2xx |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in ("herald", "baseline"):
+            if key in lat:
+                r = lat[key]
+                ratio = f"{r['p50_ms'] / b50:.2f}x" if b50 else "-"
+                lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
+                             f"{r['p99_rt']:.2f} | {ratio} | {r['smtp_waits_per_mail']:.2f} | {r['non_2xx']} |")
+    lines += ["", "Targets:"] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in targets(results)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(results):
+    t, lat = results["throughput"], results["latency"]
+    checks = []
+    if "herald" in t and "baseline" in t:
+        h, b = t["herald"], t["baseline"]
+        checks.append((f"throughput {h['rps'] / b['rps']:.2f}x the baseline (>= 2x)", h["rps"] >= 2 * b["rps"]))
+        checks.append((f"herald-smtp non-2xx: {h['non_2xx']} (0)", h["non_2xx"] == 0 and h["wrk_errors"] == 0))
+        checks.append((f"every 200 delivered: {h['ok']} answered, {h['delivered']} counted by the sink",
+                       h["ok"] == h["delivered"]))
+    if "herald" in lat and "baseline" in lat:
+        h, b = lat["herald"], lat["baseline"]
+        checks.append((f"p50 with {results['delay_ms']:g} ms replies: {h['p50_rt']:.2f} round trips (<= 4.5)",
+                       h["p50_rt"] <= 4.5))
+        checks.append((f"p50 {h['p50_ms'] / b['p50_ms']:.2f}x the baseline's (< 0.55x)",
+                       h["p50_ms"] < 0.55 * b["p50_ms"]))
+    return checks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved herald/baseline rounds (3)")
+    parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
+    parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
+    parser.add_argument("--delay-ms", type=float, default=10, help="SMTP reply delay in latency mode (10)")
+    parser.add_argument("--only", choices=["throughput", "latency"], help="run one mode")
+    parser.add_argument("--out", default=str(BENCH / "results"), help="where latest.md and latest.json go")
+    args = parser.parse_args()
+
+    ensure_tools()
+    # The same worker and thread counts gunicorn.conf.py will read, for every target.
+    cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
+    workers, threads = cfg.web_concurrency, cfg.web_threads
+    args.connections = args.connections or workers * threads
+    env = bench_env(workers, threads)
+    results = {"throughput": {}, "latency": {}, "delay_ms": args.delay_ms, "workers": workers, "threads": threads,
+               "cpus": os.cpu_count(), "python": sys.version.split()[0],
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Logs, sink counters and stores of this run; kept (git-ignored) if the run fails.
+    workdir = Path(tempfile.mkdtemp(prefix="run-", suffix=".tmp", dir=out))
+    try:
+        if args.only != "latency":
+            rounds = {"herald": [], "baseline": []}
+            for i in range(args.rounds):
+                for target in rounds:
+                    print(f"throughput round {i + 1}/{args.rounds}: {LABELS[target]}", flush=True)
+                    rounds[target].append(throughput(target, args, workdir, env))
+            results["throughput"] = {k: median_of(v) for k, v in rounds.items()}
+            print(f"throughput: {LABELS['bare']}", flush=True)
+            results["throughput"]["bare"] = median_of([throughput("bare", args, workdir, env)])
+            print(f"throughput: {LABELS['smtp']}", flush=True)
+            results["throughput"]["smtp"] = smtp_ceiling(args, workdir, workers, threads)
+        if args.only != "throughput":
+            for target in ("herald", "baseline"):
+                print(f"latency: {LABELS[target]}", flush=True)
+                results["latency"][target] = latency(target, args, workdir, env)
+    except BaseException:
+        print(f"benchmark failed; its logs are in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir)
+    table = render(results, args, workers, threads)
+    header = f"herald-smtp benchmark, {results['date']}, commit {results['commit']}, {results['cpus']} CPUs, " \
+             f"Python {results['python']}\nCommand: {' '.join(['bench/run.py', *sys.argv[1:]])} (`make bench`)\n\n"
+    print("\n" + header + table)
+    (out / "latest.md").write_text(header + table)
+    (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {out / 'latest.md'}, {out / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    main()
