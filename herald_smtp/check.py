@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from .config import Config, ConfigError, _is_loopback, load_config
+from .config import Config, ConfigError, is_loopback, load_config
 from .errors import SendError
 from .idempotency import StoreUnavailable, open_store
 from .logs import mask
@@ -71,11 +71,9 @@ def _load(env):
 def _warnings(cfg: Config):
     if not cfg.api_keys:
         yield "API_KEY is empty: anyone who can reach the service can send mail through it"
-    if cfg.metrics_require_api_key and not cfg.api_keys:
-        yield "METRICS_REQUIRE_API_KEY is true but API_KEY is empty: /metrics is open"
     if cfg.smtp_skip_tls_verify:
         yield "SMTP_SKIP_TLS_VERIFY is true: the SMTP server's certificate is not checked"
-    if not (cfg.smtp_use_tls or cfg.smtp_use_starttls) and cfg.smtp_host and not _is_loopback(cfg.smtp_host):
+    if not (cfg.smtp_use_tls or cfg.smtp_use_starttls) and cfg.smtp_host and not is_loopback(cfg.smtp_host):
         yield "TLS is off: mail and codes cross the network in clear"
 
 

@@ -119,7 +119,7 @@ def _bind(raw: str) -> str:
     return f"{host or '0.0.0.0'}:{port}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
@@ -183,9 +183,11 @@ def _check(cfg: Config) -> None:
     if cfg.smtp_ca_file and not os.path.isfile(cfg.smtp_ca_file):
         raise ConfigError("SMTP_CA_FILE: no such file")
     encrypted = cfg.smtp_use_tls or cfg.smtp_use_starttls
-    if cfg.smtp_user and not encrypted and cfg.smtp_host and not _is_loopback(cfg.smtp_host):
+    if cfg.smtp_user and not encrypted and cfg.smtp_host and not is_loopback(cfg.smtp_host):
         raise ConfigError("SMTP_USER is set but TLS is off: credentials are only sent over "
                           "STARTTLS or implicit TLS to a non-loopback host")
+    if cfg.metrics_require_api_key and not cfg.api_keys:
+        raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
     store = cfg.idempotency_store
     if not store.startswith(("sqlite://", "redis://", "rediss://", "unix://", "memory://", "/")):
         raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., rediss://... or memory://")

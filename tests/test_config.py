@@ -60,6 +60,7 @@ def test_port_forms(port, bind):
     ({"HTTP_BODY_LIMIT_BYTES": "64k"}, "HTTP_BODY_LIMIT_BYTES"),
     ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
     ({"IDEMPOTENCY_STORE": "memory://", "WEB_CONCURRENCY": "2"}, "IDEMPOTENCY_STORE"),
+    ({"METRICS_REQUIRE_API_KEY": "true"}, "METRICS_REQUIRE_API_KEY"),
     ({"IDEMPOTENCY_STORE": "postgres://db"}, "IDEMPOTENCY_STORE"),
     ({"SMTP_FROM": "Herald <noreply@example.com>"}, "SMTP_FROM"),
     ({"SMTP_FROM_NAME": "Herald\r\nBcc: eve@example.com"}, "SMTP_FROM_NAME"),
