@@ -108,9 +108,13 @@ class FaultServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _answer(self, conn, step, default=None):
-        """Reply for `step` as scripted: "ok", "refused" (a scripted reply), or None when the session is over."""
+    def _answer(self, conn, step, default=None, on_ok=None):
+        """Reply for `step` as scripted: "ok", "refused" (a scripted reply), or None when the session is over.
+
+        `on_ok` runs before a normal reply goes out, so a client never sees a 250 we have not recorded."""
         action = self._take(step)
+        if action is None and on_ok:
+            on_ok()
         if action == "close":
             return None
         if action == "stall":
@@ -128,7 +132,7 @@ class FaultServer:
         rfile = conn.makefile("rb")
         if not self._answer(conn, "greeting"):
             return
-        tls, mail_from, rcpts = False, None, []
+        tls, greeted, mail_from, rcpts = False, False, None, []
         while True:
             line = rfile.readline(4096)
             if not line:
@@ -138,8 +142,10 @@ class FaultServer:
                 lines = (["fault.example"] + (["STARTTLS"] if self.certs and not tls else [])
                          + (["AUTH PLAIN LOGIN"] if self.auth else []) + ["8BITMIME"])
                 ehlo = "\r\n".join(f"250{' ' if i == len(lines) - 1 else '-'}{x}" for i, x in enumerate(lines))
-                if not self._answer(conn, "ehlo", ehlo):
+                outcome = self._answer(conn, "ehlo", ehlo)
+                if outcome is None:
                     return
+                greeted = outcome == "ok"
             elif verb == b"STARTTLS":
                 outcome = self._answer(conn, "starttls")
                 if outcome is None:
@@ -149,12 +155,14 @@ class FaultServer:
                         self._conns.discard(conn)
                         conn = self.certs.server_context().wrap_socket(conn, server_side=True)
                         self._conns.add(conn)
-                    rfile, tls = conn.makefile("rb"), True
+                    rfile, tls, greeted = conn.makefile("rb"), True, False  # RFC 3207: EHLO again
                 elif outcome == "plain":
                     conn.sendall(b"this is not a TLS handshake\r\n")
             elif verb == b"AUTH":
                 if not self._answer(conn, "auth"):
                     return
+            elif verb == b"MAIL" and not greeted:
+                conn.sendall(b"503 5.5.1 EHLO/HELO first\r\n")  # as real servers do
             elif verb == b"MAIL":
                 outcome = self._answer(conn, "mail")
                 if outcome is None:
@@ -166,11 +174,13 @@ class FaultServer:
                     return
                 if outcome == "ok":
                     rcpts.append(line[8:].strip().decode())
+            elif verb == b"DATA" and (mail_from is None or not rcpts):
+                conn.sendall(b"503 5.5.1 no valid recipients\r\n")
             elif verb == b"DATA":
                 outcome = self._answer(conn, "data")
                 if outcome is None:
                     return
-                if outcome != "ok" or mail_from is None or not rcpts:
+                if outcome != "ok":
                     continue
                 data = []
                 while True:
@@ -182,11 +192,12 @@ class FaultServer:
                     data.append(chunk[1:] if chunk.startswith(b"..") else chunk)
                 message = b"".join(data)
                 self.received.append(message)
-                outcome = self._answer(conn, "dot")
-                if outcome == "ok":
+
+                def accept(message=message, rcpts=rcpts):
                     self.accepted.append(message)
                     self.recipients.append(rcpts)
-                if outcome is None:
+
+                if self._answer(conn, "dot", on_ok=accept) is None:
                     return
                 mail_from, rcpts = None, []
             elif verb == b"RSET":
