@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CAPTURE_PORT ?= 1025
 
-.PHONY: run test bench install clean
+.PHONY: run test load bench install clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The full load run: 20000 requests at 32 clients through gunicorn, steady then with chaos
+# (SMTP restarts, a SIGKILLed worker); prints the figures. `make test` runs it at 2000.
+LOAD_REQUESTS ?= 20000
+LOAD_CLIENTS ?= 32
+load: install
+	HERALD_LOAD_REQUESTS=$(LOAD_REQUESTS) HERALD_LOAD_CLIENTS=$(LOAD_CLIENTS) \
+	$(BIN)/python -m pytest -q -s -p no:logging tests/test_load.py $(PYTEST_ARGS)
 
 # herald-smtp against a connection-per-send relay, side by side (a few minutes; not a test).
 # Installs wrk and Postfix's smtp-sink with apt-get when missing. Options: BENCH_ARGS=--help.
