@@ -298,6 +298,18 @@ def test_chunked_bodies_through_gunicorn(service, smtp_server):
     assert len(smtp_server.messages) == 1
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_huge_body_is_cut_off_and_the_service_goes_on(service, smtp_server, chunked):
+    body = json.dumps({"to": TO, "body": "a" * 10_000_000}).encode()
+    try:
+        status, answer, _ = _http(service, _chunks(10_000_000, 65536) if chunked else body, chunked=chunked)
+        assert (status, json.loads(answer)["error_code"]) == (413, "invalid_request")
+    except ConnectionError:
+        pass  # answered 413 and closed while we were still sending, as werkzeug documents
+    assert smtp_server.messages == []
+    assert service.post({"to": TO})[0] == 200
+
+
 def _raw(service, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", service.port), timeout=30) as s:
         s.sendall(request)
