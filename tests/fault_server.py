@@ -1,6 +1,6 @@
 """A scripted SMTP server on 127.0.0.1 for byte-exact misbehaviour aiosmtpd cannot be made to show.
 
-One thread per connection. `fault(step, action)` makes the server misbehave at a step
+One thread per connection; PIPELINING on request. `fault(step, action)` makes the server misbehave at a step
 (greeting, ehlo, starttls, auth, mail, rcpt, data, dot) until `heal()`, or `times` times:
   "close"  drop the connection without a reply
   "stall"  stop answering (until the client gives up and closes)
@@ -25,11 +25,13 @@ DEFAULT_REPLY = {
 
 
 class FaultServer:
-    def __init__(self, certs=None, auth=False):
+    def __init__(self, certs=None, auth=False, pipelining=False):
         self.certs, self.auth = certs, auth  # certs: offer STARTTLS with this trustme CA
+        self.pipelining = pipelining  # offer PIPELINING: the client sends MAIL, RCPT and DATA at once
         self.received, self.accepted = [], []
         self.recipients = []  # RCPT addresses per accepted message
         self.sessions = 0
+        self.commands = []  # every command verb received, in order
         self._faults = {}
         self._conns = set()
         self._lock = threading.Lock()
@@ -138,9 +140,11 @@ class FaultServer:
             if not line:
                 return
             verb = line.split(b" ", 1)[0].strip().upper()
+            self.commands.append(verb.decode("ascii", "replace"))
             if verb in (b"EHLO", b"HELO"):
                 lines = (["fault.example"] + (["STARTTLS"] if self.certs and not tls else [])
-                         + (["AUTH PLAIN LOGIN"] if self.auth else []) + ["8BITMIME"])
+                         + (["AUTH PLAIN LOGIN"] if self.auth else [])
+                         + (["PIPELINING"] if self.pipelining else []) + ["8BITMIME"])
                 ehlo = "\r\n".join(f"250{' ' if i == len(lines) - 1 else '-'}{x}" for i, x in enumerate(lines))
                 outcome = self._answer(conn, "ehlo", ehlo)
                 if outcome is None:
@@ -168,6 +172,8 @@ class FaultServer:
                 if outcome is None:
                     return
                 mail_from, rcpts = (line, []) if outcome == "ok" else (None, [])
+            elif verb == b"RCPT" and mail_from is None:
+                conn.sendall(b"503 5.5.1 MAIL first\r\n")
             elif verb == b"RCPT":
                 outcome = self._answer(conn, "rcpt")
                 if outcome is None:

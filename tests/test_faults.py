@@ -25,7 +25,7 @@ EHLO_REFUSED = pytest.mark.xfail(strict=True, reason="transport.py caches a sess
 AUTH_454 = pytest.mark.xfail(strict=True, reason="transport.py maps every AUTH failure to send_failed, "
                                                  "also a transient 454; the contract says 4xx is provider_down")
 
-#   step        what the server does there                   error_code
+# Each row runs twice: command by command, and with MAIL, RCPT and DATA pipelined (RFC 2920).
 FAULTS = [
     row("greeting", "close", "provider_down"),
     row("greeting", "421 4.3.2 shutting down", "provider_down"),
@@ -86,9 +86,13 @@ def _send(client, key, **extra):
     return send_json(client, {"to": "user@example.com", "subject": "Your code", "body": "123456", **extra}, key=key)
 
 
+PIPELINING = pytest.mark.parametrize("pipelining", [False, True], ids=["stepwise", "pipelined"])
+
+
+@PIPELINING
 @pytest.mark.parametrize("step, action, code", FAULTS)
-def test_fault_on_a_fresh_connection(fault_server, certs, make_app, step, action, code):
-    server = fault_server(certs=certs if step == "starttls" else None, auth=step == "auth")
+def test_fault_on_a_fresh_connection(fault_server, certs, make_app, step, action, code, pipelining):
+    server = fault_server(certs=certs if step == "starttls" else None, auth=step == "auth", pipelining=pipelining)
     client = make_app(server.env(SMTP_TIMEOUT_SECONDS="10")).test_client()
     server.fault(step, action)
     key = unique_key()
@@ -100,6 +104,8 @@ def test_fault_on_a_fresh_connection(fault_server, certs, make_app, step, action
     assert (r.status_code, r.json["error_code"], r.json["ok"]) == (STATUS[code], code, False)
     assert set(r.json) == {"ok", "error_code", "error_message"}
     assert server.accepted == [] and len(server.received) == (step == "dot")  # never a second copy
+    if pipelining and step == "mail" and action[0] in "45":
+        assert "RCPT" in server.commands  # sent along with MAIL, before its reply: really pipelined
     if code == "timeout":
         assert elapsed < DEADLINE + 3  # Herald's own client deadline is not much longer than ours
     assert client.get("/healthz").status_code == 200
@@ -123,10 +129,12 @@ STALE = [
 ]
 
 
+@PIPELINING
 @pytest.mark.parametrize("step, action, times, code, sessions, received", STALE,
                          ids=[f"{s[0]}-{s[1].split()[0]}-{'once' if s[2] else 'always'}" for s in STALE])
-def test_fault_on_a_cached_connection(fault_server, make_app, step, action, times, code, sessions, received):
-    server = fault_server()
+def test_fault_on_a_cached_connection(fault_server, make_app, step, action, times, code, sessions, received,
+                                      pipelining):
+    server = fault_server(pipelining=pipelining)
     client = make_app(server.env()).test_client()
     assert _send(client, unique_key()).status_code == 200  # opens the session this thread keeps
     if step == "idle":
