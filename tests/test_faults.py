@@ -104,7 +104,7 @@ def test_fault_on_a_fresh_connection(fault_server, certs, make_app, step, action
     assert (r.status_code, r.json["error_code"], r.json["ok"]) == (STATUS[code], code, False)
     assert set(r.json) == {"ok", "error_code", "error_message"}
     assert server.accepted == [] and len(server.received) == (step == "dot")  # never a second copy
-    if pipelining and step == "mail" and action[0] in "45":
+    if pipelining and step == "mail" and action[0] in "45" and not action.startswith("421"):
         assert "RCPT" in server.commands  # sent along with MAIL, before its reply: really pipelined
     if code == "timeout":
         assert elapsed < DEADLINE + 3  # Herald's own client deadline is not much longer than ours
