@@ -62,7 +62,8 @@ def ensure_tools():
     if "postfix" in missing:
         # Where systemd runs, the package starts a mail daemon on port 25; nothing here wants it.
         for cmd in (["postfix", "stop"], ["systemctl", "disable", "--now", "postfix"]):
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            if shutil.which(cmd[0]):
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def free_port() -> int:
