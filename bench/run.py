@@ -92,6 +92,15 @@ def cpu_seconds(*pids) -> float:
     return total
 
 
+def started(proc, check, what):
+    """Wait until `check()` holds; a process that never gets there is stopped, not left behind."""
+    try:
+        wait_for(check, what)
+    except BaseException:
+        stop(proc)
+        raise
+
+
 def stop(proc, timeout=40):
     if proc.poll() is None:
         proc.terminate()
@@ -112,7 +121,8 @@ class Sink:
         with open(self.out, "w") as out:
             self.proc = subprocess.Popen([SMTP_SINK, "-c", *user, f"127.0.0.1:{self.port}", "1024"],
                                          stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() or True, "smtp-sink")
+        started(self.proc, lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() or True,
+                "smtp-sink")
 
     def messages(self) -> int:
         time.sleep(0.5)  # the counters update when a session ends
@@ -138,8 +148,8 @@ class Gunicorn:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", TARGETS[target]],
                                          cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
-                 f"{target} (see {self.log})")
+        started(self.proc, lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
+                f"{target} (see {self.log})")
 
     def answered(self):
         """(200s, other statuses) for POST /v1/send, from the JSON access log: what clients were told."""
@@ -209,7 +219,7 @@ def _smtp_ceiling_process(port: int, threads: int, seconds: float, data: bytes) 
             smtp.ehlo()
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 smtp.sendmail(SENDER, ["user@example.com"], data)
                 latencies.append(time.perf_counter() - started)
 
@@ -261,12 +271,12 @@ def latency(target: str, args, workdir: Path, env: dict) -> dict:
                                    "params": {"code": f"{i:06d}"}})
                 headers = {"Content-Type": "application/json", "X-API-Key": API_KEY,
                            "Idempotency-Key": f"latency-{uuid.uuid4()}"}
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 conn.request("POST", "/v1/send", body, headers)
                 response = conn.getresponse()
                 response.read()
                 if i >= args.warmup_requests:
-                    times.append(time.perf_counter() - started)
+                    times.append(time.perf_counter() - t0)
                     failures += response.status != 200
             conn.close()
         finally:
