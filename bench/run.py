@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -212,22 +211,20 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
 
 
 def _smtp_ceiling_process(port: int, threads: int, seconds: float, data: bytes) -> list:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        jobs = [pool.submit(_smtp_ceiling_client, port, seconds, data) for _ in range(threads)]
+        return [x for job in jobs for x in job.result()]  # a failed client raises here
+
+
+def _smtp_ceiling_client(port: int, seconds: float, data: bytes) -> list:
     latencies = []
-
-    def client():
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
-            smtp.ehlo()
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                t0 = time.perf_counter()
-                smtp.sendmail(SENDER, ["user@example.com"], data)
-                latencies.append(time.perf_counter() - started)
-
-    pool = [threading.Thread(target=client) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            smtp.sendmail(SENDER, ["user@example.com"], data)
+            latencies.append(time.perf_counter() - t0)
     return latencies
 
 
