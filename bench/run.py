@@ -352,6 +352,15 @@ def targets(results):
     return checks
 
 
+def commit() -> str:
+    """The commit measured, marked when the code under test differs from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "herald_smtp", "app.py", "gunicorn.conf.py",
+                "bench/apps.py", "bench/run.py", "bench/send.lua", "bench/delay_smtp.py")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (10)")
@@ -373,8 +382,7 @@ def main():
     env = bench_env(workers, threads)
     results = {"throughput": {}, "latency": {}, "delay_ms": args.delay_ms, "workers": workers, "threads": threads,
                "cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True).stdout.strip(),
+               "commit": commit(),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
