@@ -42,6 +42,13 @@ def _remaining(deadline: float) -> float:
     return left
 
 
+def _ehlo(smtp) -> None:
+    """EHLO, and a refusal is the session's failure (smtplib only returns the code)."""
+    code, message = smtp.ehlo()
+    if code != 250:
+        raise smtplib.SMTPResponseException(code, message)
+
+
 def _timed_out(e: BaseException, deadline: float) -> bool:
     """smtplib wraps socket timeouts in SMTPServerDisconnected; look through the chain."""
     while e is not None:
@@ -158,14 +165,14 @@ class Transport:
             # Connects and reads the greeting (SMTPConnectError unless 220).
             smtp = cls(cfg.smtp_host, cfg.smtp_port, local_hostname=self.helo, timeout=timeout, **extra)
             self._step(smtp, deadline)
-            smtp.ehlo()
+            _ehlo(smtp)
             if cfg.smtp_use_starttls:
                 if not smtp.has_extn("starttls"):
                     raise SendError("provider_down", "SMTP server does not offer STARTTLS; refusing to send in clear")
                 self._step(smtp, deadline)
                 smtp.starttls(context=self._tls)
                 self._step(smtp, deadline)
-                smtp.ehlo()
+                _ehlo(smtp)
             if cfg.smtp_user:
                 self._step(smtp, deadline)
                 smtp.login(cfg.smtp_user, cfg.smtp_password)
@@ -188,6 +195,8 @@ class Transport:
     @staticmethod
     def _open_error(e: BaseException) -> SendError:
         if isinstance(e, smtplib.SMTPAuthenticationError):
+            if 400 <= e.smtp_code < 500:
+                return SendError("provider_down", f"SMTP server deferred authentication (temporary {e.smtp_code})")
             return SendError("send_failed", "SMTP authentication failed; check SMTP_USER and SMTP_PASSWORD")
         if isinstance(e, smtplib.SMTPNotSupportedError):
             return SendError("send_failed", "SMTP server does not offer AUTH")

@@ -18,13 +18,6 @@ def row(step, action, code, *marks):
     return pytest.param(step, action, code, id=f"{step}-{action.split()[0]}", marks=marks)
 
 
-EHLO_4XX = pytest.mark.xfail(strict=True, reason="transport.py ignores EHLO's reply code, so the server's "
-                                                 "later 503 to MAIL turns a transient 4xx into send_failed")
-EHLO_REFUSED = pytest.mark.xfail(strict=True, reason="transport.py caches a session whose EHLO was refused: "
-                                                     "the next request on the thread fails on it too")
-AUTH_454 = pytest.mark.xfail(strict=True, reason="transport.py maps every AUTH failure to send_failed, "
-                                                 "also a transient 454; the contract says 4xx is provider_down")
-
 # Each row runs twice: command by command, and with MAIL, RCPT and DATA pipelined (RFC 2920).
 FAULTS = [
     row("greeting", "close", "provider_down"),
@@ -34,8 +27,8 @@ FAULTS = [
     row("greeting", "stall", "timeout"),
     row("ehlo", "close", "provider_down"),
     row("ehlo", "421 4.3.2 shutting down", "provider_down"),
-    row("ehlo", "451 4.3.0 try again later", "provider_down", EHLO_4XX),
-    row("ehlo", "554 5.7.1 not welcome", "send_failed", EHLO_REFUSED),
+    row("ehlo", "451 4.3.0 try again later", "provider_down"),
+    row("ehlo", "554 5.7.1 not welcome", "send_failed"),
     row("ehlo", "stall", "timeout"),
     row("starttls", "close", "provider_down"),
     row("starttls", "plain", "provider_down"),  # says 220, then no TLS: the handshake fails
@@ -43,7 +36,7 @@ FAULTS = [
     row("starttls", "stall", "timeout"),
     row("auth", "close", "provider_down"),
     row("auth", "535 5.7.8 bad credentials", "send_failed"),
-    row("auth", "454 4.7.0 temporary authentication failure", "provider_down", AUTH_454),
+    row("auth", "454 4.7.0 temporary authentication failure", "provider_down"),
     row("auth", "stall", "timeout"),
     row("mail", "close", "provider_down"),
     row("mail", "421 4.3.2 shutting down", "provider_down"),
