@@ -2,6 +2,7 @@
 Redis (db 13, flushed) and memory. Through the Flask app and aiosmtpd where a user would see it;
 at the store's own interface where only it can set a case up (a dead owner's lease)."""
 
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -307,3 +308,26 @@ def test_sqlite_store_is_shared_by_separately_opened_handles(stores, tmp_path):
     assert two.begin("k", "fp", lease=30)[0] == REPLAY
     with sqlite3.connect(tmp_path / "sub/dir/idem.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def _open_and_reserve(url, barrier, results):
+    barrier.wait()
+    try:
+        results.put(open_store(url, 100).begin(f"k-{multiprocessing.current_process().pid}", "fp", 30)[0])
+    except Exception as e:
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_opening_a_new_sqlite_file_together_all_start(tmp_path):
+    # gunicorn forks its workers at once, and on a first start they all find a new file.
+    ctx = multiprocessing.get_context("fork")
+    for i in range(20):
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_reserve, args=(f"sqlite:///{tmp_path}/new-{i}.sqlite3", barrier, results))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join()
+        assert outcomes == [NEW] * 4
