@@ -195,12 +195,16 @@ class SQLiteStore:
                    " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
                    " expires_at REAL NOT NULL) WITHOUT ROWID")
         db.execute("CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at)")
-        # A running row count: a new key must not cost a count(*) over the whole table.
-        db.execute("CREATE TABLE IF NOT EXISTS idempotency_size (n INTEGER NOT NULL)")
+        # The row count, kept by triggers, so a new key costs no count(*) over the whole table.
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT n FROM idempotency_size").fetchone() is None:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'idempotency_size'").fetchone() is None:
+                db.execute("CREATE TABLE idempotency_size (n INTEGER NOT NULL)")
                 db.execute("INSERT INTO idempotency_size SELECT count(*) FROM idempotency")
+            db.execute("CREATE TRIGGER IF NOT EXISTS idempotency_added AFTER INSERT ON idempotency"
+                       " BEGIN UPDATE idempotency_size SET n = n + 1; END")
+            db.execute("CREATE TRIGGER IF NOT EXISTS idempotency_removed AFTER DELETE ON idempotency"
+                       " BEGIN UPDATE idempotency_size SET n = n - 1; END")
         finally:
             db.execute("COMMIT")
 
@@ -218,42 +222,41 @@ class SQLiteStore:
                          " FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
         return Record(*row) if row else None
 
+    # One statement, so SQLite's write lock is never held while this thread waits for the GIL:
+    # insert the key if the store has room, or take over its row if that expired or failed.
+    _RESERVE = ("INSERT INTO idempotency (key, fingerprint, state, token, expires_at)"
+                " SELECT :key, :fp, 'pending', :token, :expires WHERE (SELECT n FROM idempotency_size) < :max"
+                " OR EXISTS (SELECT 1 FROM idempotency WHERE key = :key)"
+                " ON CONFLICT (key) DO UPDATE SET fingerprint = :fp, state = 'pending', token = :token,"
+                " message_id = '', error_code = '', error_message = '', expires_at = :expires"
+                " WHERE expires_at <= :now OR state = 'failed'")
+
     def begin(self, key, fp, lease):
         try:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                row = db.execute("SELECT fingerprint, state, token, message_id, error_code, error_message,"
-                                 " expires_at FROM idempotency WHERE key = ?", (key,)).fetchone()
-                rec = Record(*row[:6]) if row and row[6] > now else None
-                outcome = decide(rec, fp)
-                if outcome != NEW:
-                    return outcome, rec, None
-                if row is None:  # a key with a row, even an expired one, does not grow the store
-                    if not self._has_room(db, now):
+            while True:
+                now, token = time.time(), uuid.uuid4().hex
+                if now - self._last_purge >= self.PURGE_EVERY:
+                    self._purge(db, now)
+                args = {"key": key, "fp": fp, "token": token, "expires": now + lease, "now": now,
+                        "max": self.max_entries}
+                if db.execute(self._RESERVE, args).rowcount:
+                    return NEW, None, token
+                rec = self._row(db, key, now)
+                if rec is not None and rec.state != FAILED:
+                    return decide(rec, fp), rec, None
+                if rec is None:  # no room for the key: purge what has expired, then look again
+                    self._purge(db, now)
+                    if db.execute("SELECT n FROM idempotency_size").fetchone()[0] >= self.max_entries:
                         return FULL, None, None
-                    db.execute("UPDATE idempotency_size SET n = n + 1")
-                token = uuid.uuid4().hex
-                db.execute("INSERT OR REPLACE INTO idempotency (key, fingerprint, state, token, expires_at)"
-                           " VALUES (?, ?, ?, ?, ?)", (key, fp, PENDING, token, now + lease))
-                return NEW, None, token
-            finally:
-                db.execute("COMMIT")
+                # Otherwise the row failed, or room was made, since the statement: try again.
         except sqlite3.Error as e:
             raise StoreUnavailable(str(e)) from None
 
-    def _has_room(self, db, now):
-        (n,) = db.execute("SELECT n FROM idempotency_size").fetchone()
-        if n < self.max_entries and now - self._last_purge < self.PURGE_EVERY:
-            return True
-        # Purge expired rows at most once a second, or now if they may be what fills the store,
-        # and recount exactly while at it.
+    def _purge(self, db, now):
+        """Expired rows go without a separate job: at most once a second, or when the store is full."""
         self._last_purge = now
         db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-        (n,) = db.execute("SELECT count(*) FROM idempotency").fetchone()
-        db.execute("UPDATE idempotency_size SET n = ?", (n,))
-        return n < self.max_entries
 
     def get(self, key):
         try:
