@@ -363,9 +363,9 @@ def commit() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (10)")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved herald/baseline rounds (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved herald/baseline rounds (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
     parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
