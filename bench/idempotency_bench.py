@@ -1,0 +1,180 @@
+"""What the idempotency store costs per request: `.venv/bin/python bench/idempotency_bench.py`.
+
+In one run, herald-smtp under its own gunicorn.conf.py (same workers and threads each time),
+sending to Postfix's smtp-sink, loaded by wrk at the connection count of bench/run.py:
+  - no Idempotency-Key (the store is not touched),
+  - a unique key per request on the default SQLite store (a fresh file per run),
+  - a unique key per request on Redis (a database of its own, flushed before each run),
+in interleaved rounds, median of each. IDEMPOTENCY_MAX_ENTRIES is raised so the store never fills.
+Prints req/s, p50, p99, the per-request cost (1 / req/s at saturation) and its overhead over no key,
+and the gunicorn workers' CPU time per request (Redis's own CPU not included), which the noise
+of a shared machine moves less than req/s.
+Target: the default store adds under 10% to the request cost.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.run import Sink, bench_env, ensure_tools, free_port, stop, wait_for  # noqa: E402
+from herald_smtp.config import load_config  # noqa: E402
+
+API_KEY = "bench-api-key"  # bench_env's
+VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store"}
+
+# send.lua's request, with the key optional (script argument 3: "key" or "nokey").
+LUA = r"""
+local threads = {}
+function setup(thread) table.insert(threads, thread); thread:set("tid", #threads) end
+function init(args)
+  run_id, keyed = args[1], args[3] == "key"
+  headers = {["Content-Type"] = "application/json", ["X-API-Key"] = args[2]}
+  counter = 0
+end
+function request()
+  counter = counter + 1
+  if keyed then headers["Idempotency-Key"] = string.format("idem-%s-%d-%d", run_id, tid, counter) end
+  local body = string.format(
+    '{"channel":"email","to":"user%d@example.com","subject":"Verification code",' ..
+    '"template":"login","locale":"en","params":{"code":"%06d"}}', counter % 1000, counter % 1000000)
+  return wrk.format("POST", "/v1/send", headers, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCH {"requests":%d,"duration_us":%d,"non_2xx":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p99_us":%d}\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk(script, url, seconds, connections, keyed):
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "socket_errors": r["socket_errors"]}
+
+
+def workers_cpu(master):
+    """CPU seconds (user + system) used so far by the master's worker processes."""
+    pids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(variant, args, workdir, env, script):
+    """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
+    store = {"none": "", "sqlite": f"sqlite://{workdir}/idem-{uuid.uuid4().hex[:8]}.sqlite3",
+             "redis": args.redis_url}[variant]
+    if variant == "redis":
+        redis.Redis.from_url(args.redis_url).flushdb()
+    sink = Sink(workdir)
+    port = free_port()
+    log = workdir / f"gunicorn-{variant}-{port}.log"
+    genv = {**env, "PORT": f"127.0.0.1:{port}", "SMTP_PORT": str(sink.port),
+            "IDEMPOTENCY_STORE": store or f"sqlite://{workdir}/unused.sqlite3"}
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+                                    cwd=ROOT, env=genv, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
+                     f"gunicorn (see {log})")
+            wrk(script, url, args.warmup, args.connections, variant != "none")
+            cpu = workers_cpu(proc.pid)
+            result = wrk(script, url, args.duration, args.connections, variant != "none")
+            result["cpu_ms"] = (workers_cpu(proc.pid) - cpu) * 1000 / (result["rps"] * args.duration)
+        finally:
+            stop(proc)
+        result["delivered"] = sink.messages()
+    finally:
+        sink.stop()
+    answered = [json.loads(line)["status"] for line in log.read_text().splitlines()
+                if '"event": "access"' in line and '"/v1/send"' in line]
+    result["ok"] = sum(str(s) == "200" for s in answered)
+    result["errors"] = len(answered) - result["ok"] + result.pop("socket_errors")  # warm-up included
+    return result
+
+
+def render(results, args, workers, threads):
+    base = results["none"]["cost_ms"]
+    lines = [f"wrk -t1 -c{args.connections}, {args.duration} s per run after {args.warmup} s warm-up, median of "
+             f"{args.rounds} interleaved rounds; gunicorn gthread {workers} workers x {threads} threads; smtp-sink; "
+             "a unique Idempotency-Key per request (IDEMPOTENCY_MAX_ENTRIES raised).", "",
+             "| variant | req/s | p50 ms | p99 ms | cost ms/req | overhead vs no key | worker CPU ms/req | CPU overhead "
+             "| errors | 200s | sink counted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cpu_base = results["none"]["cpu_ms"]
+    for v, r in results.items():
+        overhead = "-" if v == "none" else f"{(r['cost_ms'] / base - 1) * 100:+.1f}%"
+        cpu_overhead = "-" if v == "none" else f"{(r['cpu_ms'] / cpu_base - 1) * 100:+.1f}%"
+        lines.append(f"| {VARIANTS[v]} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cost_ms']:.3f} | "
+                     f"{overhead} | {r['cpu_ms']:.3f} | {cpu_overhead} | {r['errors']} | {r['ok']} | {r['delivered']} |")
+    sq = (results["sqlite"]["cost_ms"] / base - 1) * 100
+    lines += ["", f"Target: the default store adds under 10% to the request cost: "
+              f"{'PASS' if sq < 10 else 'FAIL'} ({sq:+.1f}%)."]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three variants (3)")
+    parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
+                        help="a Redis database of the benchmark's own: it is flushed (redis://127.0.0.1:6379/14)")
+    args = parser.parse_args()
+
+    ensure_tools()
+    cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
+    workers, threads = cfg.web_concurrency, cfg.web_threads
+    args.connections = args.connections or workers * threads
+    env = bench_env(workers, threads)
+    rounds = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="herald-idem-bench-") as tmp:
+        workdir = Path(tmp)
+        script = workdir / "idem.lua"
+        script.write_text(LUA)
+        for i in range(args.rounds):
+            for v in VARIANTS:
+                print(f"round {i + 1}/{args.rounds}: {VARIANTS[v]}", flush=True)
+                rounds[v].append(one_run(v, args, workdir, env, script))
+    redis.Redis.from_url(args.redis_url).flushdb()
+    results = {}
+    for v, rs in rounds.items():
+        r = {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms")}
+        r.update({k: sum(x[k] for x in rs) for k in ("errors", "ok", "delivered")})
+        r["cost_ms"] = 1000 / r["rps"]
+        r["rounds_rps"] = [round(x["rps"]) for x in rs]
+        results[v] = r
+    print()
+    print(f"herald-smtp idempotency store cost, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+          f"commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}")
+    print(f"Command: .venv/bin/python bench/idempotency_bench.py {' '.join(sys.argv[1:])}".rstrip())
+    print()
+    print(render(results, args, workers, threads))
+    print("req/s per round: " + "; ".join(f"{VARIANTS[v]} {r['rounds_rps']}" for v, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()
