@@ -86,7 +86,13 @@ def run_once(store, key, fp, deadline, send, lease, ttl):
                 raise SendError("timeout", "an earlier request with this Idempotency-Key is still sending")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.05)
-            cur = store.get(key)
+            try:
+                cur = store.get(key)
+            except StoreUnavailable:
+                # Another request holds the key and may be sending: a 503 beats a second email,
+                # IDEMPOTENCY_FAIL_OPEN or not.
+                raise SendError("provider_down", "idempotency store unavailable while an earlier request "
+                                "with this Idempotency-Key was sending") from None
             if cur is None or cur.token != rec.token:
                 break  # the lease ran out or another owner took over: start again
             if cur.state == DONE:

@@ -4,6 +4,7 @@ at the store's own interface where only it can set a case up (a dead owner's lea
 
 import multiprocessing
 import sqlite3
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -204,6 +205,45 @@ def test_unreachable_redis_with_fail_open_sends_unprotected(service, smtp_server
     assert send_json(client, MAIL, key=key).get_json()["message_id"] == key
     assert len(smtp_server.messages) == 1
     assert "sending unprotected" in logs.getvalue()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which it may stop (the machine's Redis is shared)."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait_for(lambda: _pings(client))
+    yield proc, client, f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait()
+
+
+def _pings(client):
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def test_store_lost_while_following_is_503_even_with_fail_open(make_app, smtp_server, own_redis):
+    proc, client, url = own_redis
+    app = make_app(smtp_server.env(IDEMPOTENCY_STORE=url, IDEMPOTENCY_FAIL_OPEN="true", SMTP_TIMEOUT_SECONDS="5"))
+    gate = held(smtp_server)
+    key = unique_key()
+    with ThreadPoolExecutor(2) as pool:
+        owner = pool.submit(send_json, app.test_client(), MAIL, key=key)
+        wait_for(lambda: smtp_server.handler.data_peers)
+        follower = pool.submit(send_json, app.test_client(), MAIL, key=key)
+        wait_for(lambda: client.info("commandstats").get("cmdstat_hgetall"))  # it is polling the owner's record
+        proc.terminate()
+        proc.wait()
+        resp = follower.result()
+        assert resp.status_code == 503 and resp.get_json()["error_code"] == "provider_down"
+        gate.set()
+        assert owner.result().status_code == 200
+    assert len(smtp_server.handler.data_peers) == 1  # the follower did not send a second email
 
 
 def test_memory_store_refuses_more_than_one_worker():
