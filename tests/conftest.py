@@ -334,3 +334,11 @@ def gunicorn(tmp_path):
 
 def unique_key():
     return f"test-{uuid.uuid4()}"
+
+
+def wait_for(predicate, timeout=15):
+    """Poll until predicate() is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)

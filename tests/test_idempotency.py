@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from conftest import free_port, send_json, unique_key
+from conftest import free_port, send_json, unique_key, wait_for
 from herald_smtp.config import ConfigError, load_config
 from herald_smtp.idempotency import CONFLICT, DONE, FULL, NEW, PENDING, REPLAY, WAIT, open_store
 
@@ -67,12 +67,6 @@ def held(server):
     server.handler.data_gate = threading.Event()
     return server.handler.data_gate
 
-
-def wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 # -- through the app: what Herald sees -------------------------------------------------

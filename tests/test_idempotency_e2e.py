@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import unique_key
+from conftest import unique_key, wait_for
 
 MAIL = {"to": "dora@example.com", "subject": "Your code", "body": "Your code is 424242"}
 
@@ -22,12 +22,6 @@ def owners(port):
                          capture_output=True, text=True, check=True).stdout
     return [int(p) for p in re.findall(r"pid=(\d+)", out)]
 
-
-def wait_for(predicate, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 @pytest.fixture
