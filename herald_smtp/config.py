@@ -129,9 +129,10 @@ def is_loopback(host: str) -> bool:
 
 
 def default_idempotency_store(env: Mapping[str, str]) -> str:
-    # systemd's StateDirectory= sets STATE_DIRECTORY; elsewhere the temp dir is
-    # writable by any user and shared by every worker of the host.
-    directory = env.get("STATE_DIRECTORY", "").split(":")[0] or tempfile.gettempdir()
+    # systemd's StateDirectory= sets STATE_DIRECTORY. Elsewhere a directory of this user's own
+    # in the temp dir, shared by every worker: a fixed name in /tmp could be planted by another user.
+    directory = (env.get("STATE_DIRECTORY", "").split(":")[0]
+                 or os.path.join(tempfile.gettempdir(), f"herald-smtp-{os.geteuid()}"))
     return "sqlite:///" + os.path.join(directory, "herald-smtp-idempotency.sqlite3").lstrip("/")
 
 

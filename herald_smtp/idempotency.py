@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
 from urllib.parse import urlsplit
 
+from .config import ConfigError
 from .errors import SendError
 
 log = logging.getLogger("herald_smtp.idempotency")
@@ -171,6 +173,16 @@ class MemoryStore:
         pass
 
 
+def _refuse_shared_temp_dir(directory: str) -> None:
+    """In the temp dir anyone can create a directory first: use it only if it is ours alone."""
+    if os.path.dirname(os.path.abspath(directory)) != tempfile.gettempdir():
+        return
+    st = os.stat(directory)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ConfigError(f"IDEMPOTENCY_STORE: {directory} belongs to another user or is open to others; "
+                          "remove it or set IDEMPOTENCY_STORE to a private path")
+
+
 class SQLiteStore:
     """A file every worker of one host shares; WAL lets readers run beside the one writer."""
 
@@ -183,7 +195,8 @@ class SQLiteStore:
         self._last_purge = 0.0
         directory = os.path.dirname(path)
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            _refuse_shared_temp_dir(directory)
         db = self._db()
         # WAL is a property of the file, set once. SQLite does not wait out a lock for this
         # switch, so workers opening a new file together retry rather than fail to boot.
@@ -289,7 +302,8 @@ class SQLiteStore:
 
 
 # Redis: a hash per key (expiring with its record) and a sorted set of live keys by expiry,
-# which bounds the store. Scripts run atomically on the server, with the server's clock.
+# which bounds the store. Scripts run atomically on the server, with the server's clock. All
+# names share one {hash tag}, so on a Redis Cluster a script's keys sit in one slot.
 _BEGIN = """
 local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'token', 'mid', 'code', 'msg')
 if rec[1] and rec[2] ~= 'failed' then
@@ -324,7 +338,7 @@ return 1
 class RedisStore:
     """Shared by every replica. A key's record lives under a hash of the key, so any text is safe."""
 
-    def __init__(self, url: str, max_entries: int, prefix: str = "herald-smtp:idem:"):
+    def __init__(self, url: str, max_entries: int, prefix: str = "{herald-smtp}:idem:"):
         import redis  # only deployments that choose Redis need the client loaded
 
         self.max_entries = max_entries

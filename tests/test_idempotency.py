@@ -3,6 +3,7 @@ Redis (db 13, flushed) and memory. Through the Flask app and aiosmtpd where a us
 at the store's own interface where only it can set a case up (a dead owner's lease)."""
 
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import threading
@@ -365,3 +366,22 @@ def test_workers_opening_a_new_sqlite_file_together_all_start(tmp_path):
         for p in procs:
             p.join()
         assert outcomes == [NEW] * 4
+
+
+def test_default_store_lives_in_a_private_directory_of_the_users_own(tmp_path, monkeypatch):
+    import tempfile
+
+    from herald_smtp.config import default_idempotency_store
+    from herald_smtp.idempotency import SQLiteStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = default_idempotency_store({})[len("sqlite://"):]
+    assert os.path.dirname(path) == str(tmp_path / f"herald-smtp-{os.geteuid()}")
+    SQLiteStore(path, 10).close()
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+    # A directory someone left open to others (as another user planting it would) is refused.
+    os.chmod(os.path.dirname(path), 0o777)
+    with pytest.raises(ConfigError, match="IDEMPOTENCY_STORE"):
+        SQLiteStore(path, 10)
+    assert default_idempotency_store({"STATE_DIRECTORY": "/var/lib/herald-smtp"}) == \
+        "sqlite:///var/lib/herald-smtp/herald-smtp-idempotency.sqlite3"
