@@ -34,34 +34,8 @@ from herald_smtp.config import load_config  # noqa: E402
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store"}
 
-# send.lua's request, with the key optional (script argument 3: "key" or "nokey").
-LUA = r"""
-local threads = {}
-function setup(thread) table.insert(threads, thread); thread:set("tid", #threads) end
-function init(args)
-  run_id, keyed = args[1], args[3] == "key"
-  headers = {["Content-Type"] = "application/json", ["X-API-Key"] = args[2]}
-  counter = 0
-end
-function request()
-  counter = counter + 1
-  if keyed then headers["Idempotency-Key"] = string.format("idem-%s-%d-%d", run_id, tid, counter) end
-  local body = string.format(
-    '{"channel":"email","to":"user%d@example.com","subject":"Verification code",' ..
-    '"template":"login","locale":"en","params":{"code":"%06d"}}', counter % 1000, counter % 1000000)
-  return wrk.format("POST", "/v1/send", headers, body)
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('BENCH {"requests":%d,"duration_us":%d,"non_2xx":%d,"socket_errors":%d,' ..
-    '"p50_us":%d,"p99_us":%d}\n', summary.requests, summary.duration, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-def wrk(script, url, seconds, connections, keyed):
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+def wrk(url, seconds, connections, keyed):
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "send.lua"),
            url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
@@ -80,7 +54,7 @@ def workers_cpu(master):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def one_run(variant, args, workdir, env, script):
+def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
     store = {"none": "", "sqlite": f"sqlite://{workdir}/idem-{uuid.uuid4().hex[:8]}.sqlite3",
              "redis": args.redis_url}[variant]
@@ -99,9 +73,9 @@ def one_run(variant, args, workdir, env, script):
         try:
             wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
                      f"gunicorn (see {log})")
-            wrk(script, url, args.warmup, args.connections, variant != "none")
+            wrk(url, args.warmup, args.connections, variant != "none")
             cpu = workers_cpu(proc.pid)
-            result = wrk(script, url, args.duration, args.connections, variant != "none")
+            result = wrk(url, args.duration, args.connections, variant != "none")
             result["cpu_ms"] = (workers_cpu(proc.pid) - cpu) * 1000 / (result["rps"] * args.duration)
         finally:
             stop(proc)
@@ -153,13 +127,11 @@ def main():
     rounds = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="herald-idem-bench-") as tmp:
         workdir = Path(tmp)
-        script = workdir / "idem.lua"
-        script.write_text(LUA)
         names = list(VARIANTS)
         for i in range(args.rounds):
             for v in names[i % 3:] + names[:i % 3]:
                 print(f"round {i + 1}/{args.rounds}: {VARIANTS[v]}", flush=True)
-                rounds[v].append(one_run(v, args, workdir, env, script))
+                rounds[v].append(one_run(v, args, workdir, env))
     redis.Redis.from_url(args.redis_url).flushdb()
     results = {}
     for v, rs in rounds.items():

@@ -1,5 +1,6 @@
 -- wrk script: POST /v1/send as Herald does, every request with its own Idempotency-Key
--- and code. Script arguments: a run id (keys stay unique across runs) and the API key.
+-- and code. Script arguments: a run id (keys stay unique across runs), the API key, and
+-- optionally "nokey" to send no Idempotency-Key (bench/idempotency_bench.py's baseline).
 -- done() prints one line "BENCH {json}" that bench/run.py reads.
 
 local threads = {}
@@ -12,12 +13,13 @@ end
 function init(args)
   run_id = args[1] or tostring(os.time())
   headers = {["Content-Type"] = "application/json", ["X-API-Key"] = args[2] or ""}
+  keyed = args[3] ~= "nokey"
   counter = 0
 end
 
 function request()
   counter = counter + 1
-  headers["Idempotency-Key"] = string.format("bench-%s-%d-%d", run_id, tid, counter)
+  if keyed then headers["Idempotency-Key"] = string.format("bench-%s-%d-%d", run_id, tid, counter) end
   local body = string.format(
     '{"channel":"email","to":"user%d@example.com","subject":"Verification code",' ..
     '"template":"login","locale":"en","params":{"code":"%06d"}}', counter % 1000, counter % 1000000)
