@@ -28,8 +28,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import Sink, bench_env, ensure_tools, free_port, stop, wait_for  # noqa: E402
-from herald_smtp.config import load_config  # noqa: E402
+from bench.run import Sink, free_port, prepare, stop, wait_for  # noqa: E402
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store"}
@@ -119,11 +118,7 @@ def main():
                         help="a Redis database of the benchmark's own: it is flushed (redis://127.0.0.1:6379/14)")
     args = parser.parse_args()
 
-    ensure_tools()
-    cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
-    workers, threads = cfg.web_concurrency, cfg.web_threads
-    args.connections = args.connections or workers * threads
-    env = bench_env(workers, threads)
+    workers, threads, env = prepare(args)
     rounds = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="herald-idem-bench-") as tmp:
         workdir = Path(tmp)

@@ -171,6 +171,16 @@ class Gunicorn:
         stop(self.proc)  # SIGTERM: in-flight requests finish, workers QUIT their SMTP sessions
 
 
+def prepare(args):
+    """Tools installed, and the worker and thread counts gunicorn.conf.py will read, for every
+    target: returns (workers, threads, environment); wrk's connections default to workers x threads."""
+    ensure_tools()
+    cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
+    workers, threads = cfg.web_concurrency, cfg.web_threads
+    args.connections = args.connections or workers * threads
+    return workers, threads, bench_env(workers, threads)
+
+
 def bench_env(workers: int, threads: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_", "PROMETHEUS_", "WEB_"))}
@@ -374,12 +384,7 @@ def main():
     parser.add_argument("--out", default=str(BENCH / "results"), help="where latest.md and latest.json go")
     args = parser.parse_args()
 
-    ensure_tools()
-    # The same worker and thread counts gunicorn.conf.py will read, for every target.
-    cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
-    workers, threads = cfg.web_concurrency, cfg.web_threads
-    args.connections = args.connections or workers * threads
-    env = bench_env(workers, threads)
+    workers, threads, env = prepare(args)
     results = {"throughput": {}, "latency": {}, "delay_ms": args.delay_ms, "workers": workers, "threads": threads,
                "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "commit": commit(),
