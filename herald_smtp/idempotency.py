@@ -174,12 +174,12 @@ class MemoryStore:
 
 
 def _refuse_shared_temp_dir(directory: str) -> None:
-    """In the temp dir anyone can create a directory first: use it only if it is ours alone."""
+    """In the temp dir anyone can create a directory first: use it only if no one else can write it."""
     if os.path.dirname(os.path.abspath(directory)) != tempfile.gettempdir():
         return
     st = os.stat(directory)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise ConfigError(f"IDEMPOTENCY_STORE: {directory} belongs to another user or is open to others; "
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"IDEMPOTENCY_STORE: {directory} belongs to another user or others can write it; "
                           "remove it or set IDEMPOTENCY_STORE to a private path")
 
 
