@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, ROOT, free_port, send_json, unique_key
+from conftest import API_KEY, ROOT, free_port, send_json, unique_key, wait_for
 
 
 def parse(text: str) -> dict:
@@ -120,15 +119,9 @@ def only_through(g, worker):
             os.kill(pid, signal.SIGCONT)
 
 
-def wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
 
 def two_workers(g):
-    wait_for(lambda: len(g.worker_pids()) == 2)  # healthy means one worker is up, maybe not both
+    wait_for(lambda: len(g.worker_pids()) == 2, timeout=20)  # healthy means one worker is up, maybe not both
     return g.worker_pids()
 
 
@@ -167,9 +160,9 @@ def test_metrics_add_up_every_gunicorn_worker(gunicorn, smtp_server):
 
     # A worker that dies is replaced; what it counted stays in the totals.
     os.kill(a, signal.SIGKILL)
-    wait_for(lambda: a not in g.worker_pids())
+    wait_for(lambda: a not in g.worker_pids(), timeout=20)
     two_workers(g)
-    wait_for(lambda: urllib.request.urlopen(g.url + "/healthz", timeout=5).status == 200)
+    wait_for(lambda: urllib.request.urlopen(g.url + "/healthz", timeout=5).status == 200, timeout=20)
     for worker in g.worker_pids():
         with only_through(g, worker):
             totals_are_right(scrape(g))
@@ -190,7 +183,7 @@ def test_in_flight_sends_are_summed_over_live_workers(gunicorn, smtp_server):
             with only_through(g, worker):
                 threads.append(threading.Thread(target=post, args=(i,)))
                 threads[-1].start()
-                wait_for(lambda: len(smtp_server.handler.data_peers) == i + 1)
+                wait_for(lambda: len(smtp_server.handler.data_peers) == i + 1, timeout=20)
         assert value(scrape(g), "herald_smtp_sends_in_flight") == 2
     finally:
         gate.set()

@@ -2,20 +2,14 @@
 
 import signal
 import threading
-import time
 
-
-def wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
+from conftest import wait_for
 
 
 def test_sigterm_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn, smtp_server):
     in_flight = 4  # at most one worker's threads: wherever they land, all reach DATA at once
     g = gunicorn(smtp_server.env(), workers=2, threads=in_flight)
-    wait_for(lambda: len(g.worker_pids()) == 2)
+    wait_for(lambda: len(g.worker_pids()) == 2, timeout=20)
     handler = smtp_server.handler
     handler.data_gate = gate = threading.Event()  # hold every DATA until the signal is in
     handler.data_delay = 2.0  # and then answer slowly, while the workers are stopping
@@ -28,9 +22,9 @@ def test_sigterm_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: len(handler.data_peers) == in_flight)
+        wait_for(lambda: len(handler.data_peers) == in_flight, timeout=20)
         g.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "Handling signal: term" in g.log_path.read_text())
+        wait_for(lambda: "Handling signal: term" in g.log_path.read_text(), timeout=20)
     finally:
         gate.set()
         for t in threads:
