@@ -11,7 +11,7 @@ import time
 
 from .config import Config, ConfigError, is_loopback, load_config
 from .errors import SendError
-from .idempotency import StoreUnavailable, open_store
+from .idempotency import StoreUnavailable, open_store, sqlite_path
 from .logs import mask
 from .message import MessageBuilder, SendRequest
 from .transport import Transport
@@ -39,11 +39,11 @@ def run(send_to: str = "", out=print) -> int:
     try:
         _check_store(cfg)
         out("ok: idempotency store usable")
-        sender = MessageBuilder(cfg).sender
-        Transport(cfg).probe(sender, time.monotonic() + cfg.smtp_timeout_seconds)
+        builder, transport = MessageBuilder(cfg), Transport(cfg)
+        transport.probe(builder.sender, time.monotonic() + cfg.smtp_timeout_seconds)
         out(f"ok: SMTP on port {cfg.smtp_port} ({_mode(cfg)}) accepted the sender; RSET, nothing sent")
         if send_to:
-            out(f"ok: test message sent to {mask(_send_test(cfg, send_to))}")
+            out(f"ok: test message sent to {mask(_send_test(cfg, builder, transport, send_to))}")
     except SendError as err:
         out(f"check failed: {err.message}")
         return EXIT_FAILED
@@ -84,7 +84,16 @@ def _mode(cfg: Config) -> str:
 
 def _check_store(cfg: Config) -> None:
     url = cfg.idempotency_store
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    path = sqlite_path(url)
+    if path is not None:
+        # Look, do not create: a file made by root here would lock out the service user.
+        target = path if os.path.exists(path) else os.path.dirname(path) or "."
+        while not os.path.exists(target):  # the service creates missing directories
+            target = os.path.dirname(target) or "."
+        if not os.access(target, os.R_OK | os.W_OK):
+            raise SendError("provider_down", "IDEMPOTENCY_STORE: this user cannot write the SQLite file "
+                                             "or its directory; sends would answer 503")
+    elif not url.startswith("memory://"):
         store = open_store(url, cfg.idempotency_max_entries)
         try:
             store.get("herald-smtp-check")
@@ -92,23 +101,13 @@ def _check_store(cfg: Config) -> None:
             raise SendError("provider_down", "idempotency store (Redis) unreachable; sends would answer 503") from None
         finally:
             store.close()
-    elif not url.startswith("memory://"):
-        # Look, do not create: a file made by root here would lock out the service user.
-        path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
-        target = path if os.path.exists(path) else os.path.dirname(path) or "."
-        while not os.path.exists(target):  # the service creates missing directories
-            target = os.path.dirname(target) or "."
-        if not os.access(target, os.R_OK | os.W_OK):
-            raise SendError("provider_down", "IDEMPOTENCY_STORE: this user cannot write the SQLite file "
-                                             "or its directory; sends would answer 503")
 
 
-def _send_test(cfg: Config, to: str) -> str:
-    envelope = MessageBuilder(cfg).build(SendRequest(
+def _send_test(cfg: Config, builder: MessageBuilder, transport: Transport, to: str) -> str:
+    envelope = builder.build(SendRequest(
         to=to, subject="herald-smtp check",
         body="This test message was sent by `python -m herald_smtp check --send-to`.\n"
              "If you can read it, herald-smtp can deliver mail."))
-    transport = Transport(cfg)
     try:
         transport.send(envelope.sender, envelope.recipient, envelope.data, time.monotonic() + cfg.smtp_timeout_seconds)
     finally:

@@ -112,13 +112,20 @@ def _quietly(fn, *args):
         log.warning("idempotency store update failed", extra={"fields": {"error": type(e).__name__}})
 
 
+def sqlite_path(url: str):
+    """The file of a SQLite IDEMPOTENCY_STORE (sqlite:///path or a bare path); None for the others."""
+    if url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        return None
+    return url[len("sqlite://"):] if url.startswith("sqlite://") else url
+
+
 def open_store(url: str, max_entries: int):
+    path = sqlite_path(url)
+    if path is not None:
+        return SQLiteStore(path, max_entries)
     if url.startswith("memory://"):
         return MemoryStore(max_entries)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(url, max_entries)
-    path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
-    return SQLiteStore(path, max_entries)
+    return RedisStore(url, max_entries)
 
 
 class MemoryStore:
