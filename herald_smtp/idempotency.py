@@ -191,109 +191,140 @@ def _refuse_shared_temp_dir(directory: str) -> None:
 
 
 class SQLiteStore:
-    """A file every worker of one host shares; WAL lets readers run beside the one writer."""
+    """A file every worker of one host shares; WAL lets readers run beside the one writer.
 
-    PURGE_EVERY = 1.0
+    Laid out for few, small writes, since each costs whole WAL pages and a trip out of the GIL:
+    - A new key is one plain INSERT, its completion one UPDATE. Rows go in rowid order (a unique
+      index finds a key), so both land on the newest page.
+    - There is no expiry index and no row counter to keep up: expired rows go in a scan now and
+      then, and rows are counted only when the rowid span says the store may be full.
+    - One connection per process, one statement at a time: its threads queue on a lock rather
+      than in SQLite's busy handler, which sleeps in whole milliseconds.
+    """
+
+    PURGE_EVERY = 1.0  # seconds; longer for a big table, so a scan covers ~10k rows a second
+    TABLE = "idempotency_keys"
 
     def __init__(self, path: str, max_entries: int):
         self.path = path
         self.max_entries = max_entries
-        self._local = threading.local()
-        self._last_purge = 0.0
+        self._lock = threading.Lock()  # this process's connection: one statement at a time
+        self._conn, self._pid = None, None
+        self._next_purge = 0.0
+        self._oldest = 0  # the smallest rowid at the last purge
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             _refuse_shared_temp_dir(directory)
-        db = self._db()
-        # WAL is a property of the file, set once. SQLite does not wait out a lock for this
-        # switch, so workers opening a new file together retry rather than fail to boot.
-        deadline = time.monotonic() + 10
-        while True:
+        with self._lock:
+            db = self._connect()
+            # WAL is a property of the file, set once. SQLite does not wait out a lock for this
+            # switch, so workers opening a new file together retry rather than fail to boot.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        db.execute("CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
-                   " state TEXT NOT NULL, token TEXT NOT NULL, message_id TEXT NOT NULL DEFAULT '',"
-                   " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
-                   " expires_at REAL NOT NULL) WITHOUT ROWID")
-        db.execute("CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_at)")
-        # The row count, kept by triggers, so a new key costs no count(*) over the whole table.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'idempotency_size'").fetchone() is None:
-                db.execute("CREATE TABLE idempotency_size (n INTEGER NOT NULL)")
-                db.execute("INSERT INTO idempotency_size SELECT count(*) FROM idempotency")
-            db.execute("CREATE TRIGGER IF NOT EXISTS idempotency_added AFTER INSERT ON idempotency"
-                       " BEGIN UPDATE idempotency_size SET n = n + 1; END")
-            db.execute("CREATE TRIGGER IF NOT EXISTS idempotency_removed AFTER DELETE ON idempotency"
-                       " BEGIN UPDATE idempotency_size SET n = n - 1; END")
-        finally:
-            db.execute("COMMIT")
+                db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (key TEXT NOT NULL UNIQUE,"
+                           " fingerprint TEXT NOT NULL, state TEXT NOT NULL, token TEXT NOT NULL,"
+                           " message_id TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',"
+                           " error_message TEXT NOT NULL DEFAULT '', expires_at REAL NOT NULL)")
+                self._migrate(db)
+            finally:
+                db.execute("COMMIT")
 
-    def _db(self):
-        # One connection per thread (and so per forked worker: they are opened lazily).
-        db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db, self._local.pid = db, os.getpid()
-        return db
+    def _migrate(self, db):
+        """Carry live keys over from the earlier layout (a WITHOUT ROWID table and a row counter)."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'idempotency'").fetchone() is None:
+            return
+        db.execute(f"INSERT OR IGNORE INTO {self.TABLE} SELECT key, fingerprint, state, token, message_id,"
+                   " error_code, error_message, expires_at FROM idempotency WHERE expires_at > ?", (time.time(),))
+        db.execute("DROP TABLE idempotency")  # its index and triggers go with it
+        db.execute("DROP TABLE IF EXISTS idempotency_size")
 
-    def _row(self, db, key, now):
-        row = db.execute("SELECT fingerprint, state, token, message_id, error_code, error_message"
-                         " FROM idempotency WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
+    def _connect(self):
+        # Opened lazily, so each forked worker has its own; the caller holds the lock.
+        if self._pid != os.getpid():
+            self._conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._pid = os.getpid()
+        return self._conn
+
+    def _run(self, sql, args=()):
+        """One statement that writes; its cursor's rowcount and lastrowid are read afterwards."""
+        with self._lock:
+            return self._connect().execute(sql, args)
+
+    def _fetch(self, sql, args=()):
+        """One query's first row."""
+        with self._lock:
+            return self._connect().execute(sql, args).fetchone()
+
+    def _row(self, key, now):
+        row = self._fetch(f"SELECT fingerprint, state, token, message_id, error_code, error_message"
+                          f" FROM {self.TABLE} WHERE key = ? AND expires_at > ?", (key, now))
         return Record(*row) if row else None
-
-    # One statement, so SQLite's write lock is never held while this thread waits for the GIL:
-    # insert the key if the store has room, or take over its row if that expired or failed.
-    _RESERVE = ("INSERT INTO idempotency (key, fingerprint, state, token, expires_at)"
-                " SELECT :key, :fp, 'pending', :token, :expires WHERE (SELECT n FROM idempotency_size) < :max"
-                " OR EXISTS (SELECT 1 FROM idempotency WHERE key = :key)"
-                " ON CONFLICT (key) DO UPDATE SET fingerprint = :fp, state = 'pending', token = :token,"
-                " message_id = '', error_code = '', error_message = '', expires_at = :expires"
-                " WHERE expires_at <= :now OR state = 'failed'")
 
     def begin(self, key, fp, lease):
         try:
-            db = self._db()
             while True:
                 now, token = time.time(), uuid.uuid4().hex
-                if now - self._last_purge >= self.PURGE_EVERY:
-                    self._purge(db, now)
-                args = {"key": key, "fp": fp, "token": token, "expires": now + lease, "now": now,
-                        "max": self.max_entries}
-                if db.execute(self._RESERVE, args).rowcount:
+                if now >= self._next_purge:
+                    self._purge(now)
+                cur = self._run(f"INSERT INTO {self.TABLE} (key, fingerprint, state, token, expires_at)"
+                                " VALUES (?, ?, 'pending', ?, ?) ON CONFLICT (key) DO NOTHING",
+                                (key, fp, token, now + lease))
+                if cur.rowcount:
+                    if self._over_capacity(cur.lastrowid, now):
+                        self._run(f"DELETE FROM {self.TABLE} WHERE rowid = ? AND token = ?", (cur.lastrowid, token))
+                        return FULL, None, None
                     return NEW, None, token
-                rec = self._row(db, key, now)
+                # A known key: take it over if its lease ran out or its send failed.
+                if self._run(f"UPDATE {self.TABLE} SET fingerprint = ?, state = 'pending', token = ?,"
+                             " message_id = '', error_code = '', error_message = '', expires_at = ?"
+                             " WHERE key = ? AND (expires_at <= ? OR state = 'failed')",
+                             (fp, token, now + lease, key, now)).rowcount:
+                    return NEW, None, token
+                rec = self._row(key, now)
                 if rec is not None and rec.state != FAILED:
                     return decide(rec, fp), rec, None
-                if rec is None:  # no room for the key: purge what has expired, then look again
-                    self._purge(db, now)
-                    if db.execute("SELECT n FROM idempotency_size").fetchone()[0] >= self.max_entries:
-                        return FULL, None, None
-                # Otherwise the row failed, or room was made, since the statement: try again.
+                # The row failed or was purged since the statement: try again.
         except sqlite3.Error as e:
             raise StoreUnavailable(str(e)) from None
 
-    def _purge(self, db, now):
-        """Expired rows go without a separate job: at most once a second, or when the store is full."""
-        self._last_purge = now
-        db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+    def _over_capacity(self, rowid, now):
+        """Whether the row just added is one too many. A new row's rowid is the largest plus
+        one, so the span from the oldest row bounds the count; only near the limit (or after
+        the rowids restarted) are the live rows counted, counting others' new rows too."""
+        if 0 < rowid - self._oldest + 1 <= self.max_entries:
+            return False
+        live = self._fetch(f"SELECT count(*) FROM {self.TABLE} WHERE expires_at > ?", (now,))[0]
+        return live > self.max_entries
+
+    def _purge(self, now):
+        """Expired rows go without a separate job: a scan now and then, by whichever request is due."""
+        self._next_purge = now + self.PURGE_EVERY
+        self._run(f"DELETE FROM {self.TABLE} WHERE expires_at <= ?", (now,))
+        oldest, newest = self._fetch(f"SELECT ifnull(min(rowid), 0), ifnull(max(rowid), 0) FROM {self.TABLE}")
+        self._oldest = oldest
+        self._next_purge = now + max(self.PURGE_EVERY, (newest - oldest) / 10000)
 
     def get(self, key):
         try:
-            return self._row(self._db(), key, time.time())
+            return self._row(key, time.time())
         except sqlite3.Error as e:
             raise StoreUnavailable(str(e)) from None
 
     def _settle(self, key, token, keep, state, message_id="", code="", message=""):
-        self._db().execute("UPDATE idempotency SET state = ?, message_id = ?, error_code = ?, error_message = ?,"
-                           " expires_at = ? WHERE key = ? AND token = ?",
-                           (state, message_id, code, message, time.time() + keep, key, token))
+        self._run(f"UPDATE {self.TABLE} SET state = ?, message_id = ?, error_code = ?, error_message = ?,"
+                  " expires_at = ? WHERE key = ? AND token = ?",
+                  (state, message_id, code, message, time.time() + keep, key, token))
 
     def complete(self, key, token, message_id, ttl):
         self._settle(key, token, ttl, DONE, message_id=message_id)
@@ -302,10 +333,10 @@ class SQLiteStore:
         self._settle(key, token, FAILED_KEEP_SECONDS, FAILED, code=code, message=message)
 
     def close(self):
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn, self._pid = None, None
 
 
 # Redis: a hash per key (expiring with its record) and a sorted set of live keys by expiry,

@@ -318,7 +318,41 @@ def test_sqlite_purges_expired_rows_without_a_separate_job(stores, tmp_path):
     time.sleep(1.1)  # expired, and the purge (at most once a second) is due
     store.begin("new", "fp", lease=30)
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT key FROM idempotency").fetchall() == [("new",)]
+        assert db.execute("SELECT key FROM idempotency_keys").fetchall() == [("new",)]
+
+
+def test_sqlite_capacity_counts_live_rows_not_the_rowid_span(stores, tmp_path):
+    store = stores(f"sqlite:///{tmp_path}/idem.sqlite3", max_entries=3)
+    store.PURGE_EVERY = 3600  # only the capacity check sees what has expired
+    tokens = {k: store.begin(k, "fp", lease=30)[2] for k in ("a", "b", "c")}
+    store.fail("b", tokens["b"], "provider_down", "down")  # rowids 1..3 span 3 rows
+    store.complete("a", tokens["a"], "a", ttl=SHORT)
+    assert store.begin("d", "fp", lease=30)[0] == FULL  # a, b (failed, kept briefly), c: full
+    time.sleep(SHORT + 0.1)  # a's success is forgotten, though its row is still there
+    assert store.begin("d", "fp", lease=30)[0] == NEW
+    assert store.begin("e", "fp", lease=30)[0] == FULL  # b (failed), c, d
+    with sqlite3.connect(tmp_path / "idem.sqlite3") as db:  # a refused key leaves no row behind
+        assert "e" not in {k for (k,) in db.execute("SELECT key FROM idempotency_keys")}
+
+
+def test_sqlite_store_takes_over_the_earlier_layout_with_its_live_keys(stores, tmp_path):
+    path = tmp_path / "idem.sqlite3"
+    with sqlite3.connect(path) as db:  # as the first release created it
+        db.execute("CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+                   " state TEXT NOT NULL, token TEXT NOT NULL, message_id TEXT NOT NULL DEFAULT '',"
+                   " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
+                   " expires_at REAL NOT NULL) WITHOUT ROWID")
+        db.execute("CREATE TABLE idempotency_size (n INTEGER NOT NULL)")
+        db.execute("INSERT INTO idempotency VALUES ('sent', 'fp', 'done', 't1', 'sent', '', '', ?),"
+                   " ('gone', 'fp', 'done', 't2', 'gone', '', '', ?)", (time.time() + 60, time.time() - 1))
+    db.close()
+    store = stores(f"sqlite:///{path}")
+    outcome, rec, _ = store.begin("sent", "fp", lease=30)
+    assert (outcome, rec.message_id) == (REPLAY, "sent")
+    assert store.begin("gone", "fp", lease=30)[0] == NEW
+    with sqlite3.connect(path) as db:
+        assert {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"idempotency_keys"}
+    db.close()
 
 
 def test_redis_forgets_expired_entries(stores, redis_url):
