@@ -3,7 +3,8 @@
 In one run, herald-smtp under its own gunicorn.conf.py (same workers and threads each time),
 sending to Postfix's smtp-sink, loaded by wrk at the connection count of bench/run.py:
   - no Idempotency-Key (the store is not touched),
-  - a unique key per request on the default SQLite store (a fresh file per run),
+  - a unique key per request on the default SQLite store (a fresh file per run, in the default
+    store's directory, so on the same filesystem),
   - a unique key per request on Redis (a database of its own, flushed before each run),
 in interleaved rounds, median of each. IDEMPOTENCY_MAX_ENTRIES is raised so the store never fills.
 Prints req/s, p50, p99, the per-request cost (1 / req/s at saturation) and its overhead over no key,
@@ -29,6 +30,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import Sink, free_port, prepare, stop, wait_for  # noqa: E402
+from herald_smtp.config import default_idempotency_store  # noqa: E402
+from herald_smtp.idempotency import sqlite_path  # noqa: E402
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store"}
@@ -55,8 +58,10 @@ def workers_cpu(master):
 
 def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
-    store = {"none": "", "sqlite": f"sqlite://{workdir}/idem-{uuid.uuid4().hex[:8]}.sqlite3",
-             "redis": args.redis_url}[variant]
+    # A fresh SQLite file where the default store lives (its directory, not its name).
+    sqlite = os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
+                          f"bench-{uuid.uuid4().hex[:8]}.sqlite3")
+    store = {"none": "", "sqlite": f"sqlite://{sqlite}", "redis": args.redis_url}[variant]
     if variant == "redis":
         redis.Redis.from_url(args.redis_url).flushdb()
     sink = Sink(workdir)
@@ -81,6 +86,9 @@ def one_run(variant, args, workdir, env):
         result["delivered"] = sink.messages()
     finally:
         sink.stop()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(sqlite + suffix):
+                os.remove(sqlite + suffix)
     answered = [json.loads(line)["status"] for line in log.read_text().splitlines()
                 if '"event": "access"' in line and '"/v1/send"' in line]
     result["ok"] = sum(str(s) == "200" for s in answered)

@@ -129,10 +129,14 @@ def is_loopback(host: str) -> bool:
 
 
 def default_idempotency_store(env: Mapping[str, str]) -> str:
-    # systemd's StateDirectory= sets STATE_DIRECTORY. Elsewhere a directory of this user's own
-    # in the temp dir, shared by every worker: a fixed name in /tmp could be planted by another user.
-    directory = (env.get("STATE_DIRECTORY", "").split(":")[0]
-                 or os.path.join(tempfile.gettempdir(), f"herald-smtp-{os.geteuid()}"))
+    # The file holds minutes of keys, so a tmpfs suits it: writes cost less, and it is gone at
+    # reboot. systemd's RuntimeDirectory= (under /run) sets RUNTIME_DIRECTORY. Elsewhere a
+    # directory of this user's own in /dev/shm (the temp dir without one): a fixed name in a
+    # shared directory could be planted by another user.
+    directory = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not directory:
+        shared = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
+        directory = os.path.join(shared, f"herald-smtp-{os.geteuid()}")
     return "sqlite:///" + os.path.join(directory, "herald-smtp-idempotency.sqlite3").lstrip("/")
 
 

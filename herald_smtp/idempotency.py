@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -181,8 +180,9 @@ class MemoryStore:
 
 
 def _refuse_shared_temp_dir(directory: str) -> None:
-    """In the temp dir anyone can create a directory first: use it only if no one else can write it."""
-    if os.path.dirname(os.path.abspath(directory)) != tempfile.gettempdir():
+    """In a directory anyone can write (/tmp, /dev/shm) anyone can create ours first: use it
+    only if no one else can write it."""
+    if not os.stat(os.path.dirname(os.path.abspath(directory))).st_mode & 0o002:
         return
     st = os.stat(directory)
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:

@@ -402,23 +402,28 @@ def test_workers_opening_a_new_sqlite_file_together_all_start(tmp_path):
         assert outcomes == [NEW] * 4
 
 
-def test_default_store_lives_in_a_private_directory_of_the_users_own(tmp_path, monkeypatch):
+def test_default_store_lives_in_a_private_directory_of_the_users_own(tmp_path):
     import tempfile
 
     from herald_smtp.config import default_idempotency_store
     from herald_smtp.idempotency import SQLiteStore
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    path = default_idempotency_store({})[len("sqlite://"):]
-    assert os.path.dirname(path) == str(tmp_path / f"herald-smtp-{os.geteuid()}")
+    shared = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    assert default_idempotency_store({}) == \
+        f"sqlite:///{shared.lstrip('/')}/herald-smtp-{os.geteuid()}/herald-smtp-idempotency.sqlite3"
+    assert default_idempotency_store({"RUNTIME_DIRECTORY": "/run/herald-smtp"}) == \
+        "sqlite:///run/herald-smtp/herald-smtp-idempotency.sqlite3"
+    # In a directory anyone can write, as /dev/shm and /tmp are, ours is made private...
+    anyones = tmp_path / "shm"
+    anyones.mkdir()
+    anyones.chmod(0o1777)
+    path = str(anyones / f"herald-smtp-{os.geteuid()}" / "herald-smtp-idempotency.sqlite3")
     SQLiteStore(path, 10).close()
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
-    # A directory others can write (as another user planting it would leave it) is refused;
-    # one of ours that others may only read is an operator's choice.
+    # ...one others can write (as another user planting it would leave it) is refused, and one
+    # of ours that others may only read is an operator's choice.
     os.chmod(os.path.dirname(path), 0o777)
     with pytest.raises(ConfigError, match="IDEMPOTENCY_STORE"):
         SQLiteStore(path, 10)
     os.chmod(os.path.dirname(path), 0o755)
     SQLiteStore(path, 10).close()
-    assert default_idempotency_store({"STATE_DIRECTORY": "/var/lib/herald-smtp"}) == \
-        "sqlite:///var/lib/herald-smtp/herald-smtp-idempotency.sqlite3"

@@ -240,15 +240,16 @@ def test_unit_gives_in_flight_sends_their_graceful_timeout():
     assert seconds(service["TimeoutStopSec"][0]) >= GRACEFUL_TIMEOUT
 
 
-def test_unit_is_hardened_and_keeps_the_store_in_its_state_directory():
+def test_unit_is_hardened_and_keeps_the_store_in_its_runtime_directory():
     service = unit()["Service"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
-                       "StateDirectory": "herald-smtp"}.items():
+                       "RuntimeDirectory": "herald-smtp", "RuntimeDirectoryPreserve": "yes"}.items():
         assert service[key] == [value], key
-    # config.py puts the SQLite file in $STATE_DIRECTORY when systemd provides it.
-    assert default_idempotency_store({"STATE_DIRECTORY": "/var/lib/herald-smtp"}).startswith(
-        "sqlite:///var/lib/herald-smtp/")
+    # config.py puts the SQLite file in $RUNTIME_DIRECTORY (a tmpfs under /run) when systemd
+    # provides it; kept across restarts, so a retry spanning one is still recognised.
+    assert default_idempotency_store({"RUNTIME_DIRECTORY": "/run/herald-smtp"}).startswith(
+        "sqlite:///run/herald-smtp/")
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
