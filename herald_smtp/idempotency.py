@@ -198,11 +198,13 @@ class SQLiteStore:
       index finds a key), so both land on the newest page.
     - There is no expiry index and no row counter to keep up: expired rows go in a scan now and
       then, and rows are counted only when the rowid span says the store may be full.
-    - One connection per process, one statement at a time: its threads queue on a lock rather
-      than in SQLite's busy handler, which sleeps in whole milliseconds.
+    - One connection per process, one statement at a time: its threads queue on a lock, and a
+      statement that finds another process writing looks again within 100 us rather than
+      sleeping in SQLite's busy handler, which sleeps whole milliseconds.
     """
 
     PURGE_EVERY = 1.0  # seconds; longer for a big table, so a scan covers ~10k rows a second
+    BUSY_TIMEOUT = 10.0  # seconds a statement waits for other processes' writes
     TABLE = "idempotency_keys"
 
     def __init__(self, path: str, max_entries: int):
@@ -218,18 +220,10 @@ class SQLiteStore:
             _refuse_shared_temp_dir(directory)
         with self._lock:
             db = self._connect()
-            # WAL is a property of the file, set once. SQLite does not wait out a lock for this
-            # switch, so workers opening a new file together retry rather than fail to boot.
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    db.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
-            db.execute("BEGIN IMMEDIATE")
+            # WAL is a property of the file, set once (workers opening a new file together wait
+            # their turn like any other statement).
+            self._execute(db, "PRAGMA journal_mode=WAL")
+            self._execute(db, "BEGIN IMMEDIATE")
             try:
                 db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (key TEXT NOT NULL UNIQUE,"
                            " fingerprint TEXT NOT NULL, state TEXT NOT NULL, token TEXT NOT NULL,"
@@ -249,22 +243,39 @@ class SQLiteStore:
         db.execute("DROP TABLE IF EXISTS idempotency_size")
 
     def _connect(self):
-        # Opened lazily, so each forked worker has its own; the caller holds the lock.
+        # Opened lazily, so each forked worker has its own; the caller holds the lock. No busy
+        # timeout: _execute waits for another process's write itself.
         if self._pid != os.getpid():
-            self._conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            self._execute(self._conn, "PRAGMA synchronous=NORMAL")
             self._pid = os.getpid()
         return self._conn
+
+    def _execute(self, db, sql, args=()):
+        """Run a statement, retrying while another process holds the write lock. SQLite's own
+        busy handler sleeps 1, 2, 5, 10... ms, and all this worker's threads wait on our lock
+        meanwhile; a write takes tens of microseconds, so look again every 100 us."""
+        deadline = None
+        while True:
+            try:
+                return db.execute(sql, args)
+            except sqlite3.OperationalError as e:
+                if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                deadline = deadline or time.monotonic() + self.BUSY_TIMEOUT
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.0001)
 
     def _run(self, sql, args=()):
         """One statement that writes; its cursor's rowcount and lastrowid are read afterwards."""
         with self._lock:
-            return self._connect().execute(sql, args)
+            return self._execute(self._connect(), sql, args)
 
     def _fetch(self, sql, args=()):
         """One query's first row."""
         with self._lock:
-            return self._connect().execute(sql, args).fetchone()
+            return self._execute(self._connect(), sql, args).fetchone()
 
     def _row(self, key, now):
         row = self._fetch(f"SELECT fingerprint, state, token, message_id, error_code, error_message"

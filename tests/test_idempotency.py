@@ -335,6 +335,25 @@ def test_sqlite_capacity_counts_live_rows_not_the_rowid_span(stores, tmp_path):
         assert "e" not in {k for (k,) in db.execute("SELECT key FROM idempotency_keys")}
 
 
+def test_sqlite_waits_out_another_writer_then_gives_up_as_unavailable(stores, tmp_path):
+    from herald_smtp.idempotency import StoreUnavailable
+
+    path = tmp_path / "idem.sqlite3"
+    store = stores(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another worker, writing
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+    started = time.monotonic()
+    assert store.begin("a", "fp", lease=30)[0] == NEW
+    assert time.monotonic() - started >= 0.25
+    other.execute("BEGIN IMMEDIATE")
+    store.BUSY_TIMEOUT = 0.2
+    with pytest.raises(StoreUnavailable, match="locked"):
+        store.begin("b", "fp", lease=30)
+    other.execute("COMMIT")
+    other.close()
+
+
 def test_sqlite_store_takes_over_the_earlier_layout_with_its_live_keys(stores, tmp_path):
     path = tmp_path / "idem.sqlite3"
     with sqlite3.connect(path) as db:  # as the first release created it
