@@ -45,9 +45,22 @@ def wrk(url, seconds, connections, keyed):
             "p99_ms": r["p99_us"] / 1000, "socket_errors": r["socket_errors"]}
 
 
+def worker_pids(master):
+    return subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+
+
+def pin(master):
+    """Each worker, every thread of it, on a CPU of its own: without the GIL handing off between
+    cores, a worker's CPU per request moves far less with the machine's load."""
+    cpus = sorted(os.sched_getaffinity(0))
+    for i, pid in enumerate(worker_pids(master)):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {cpus[i % len(cpus)]})
+
+
 def workers_cpu(master):
     """CPU seconds (user + system) used so far by the master's worker processes."""
-    pids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    pids = worker_pids(master)
     ticks = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
@@ -77,6 +90,8 @@ def one_run(variant, args, workdir, env):
         try:
             wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
                      f"gunicorn (see {log})")
+            if args.pin:
+                pin(proc.pid)
             wrk(url, args.warmup, args.connections, variant != "none")
             cpu = workers_cpu(proc.pid)
             result = wrk(url, args.duration, args.connections, variant != "none")
@@ -100,7 +115,7 @@ def render(results, args, workers, threads):
     lines = [f"wrk -t1 -c{args.connections}, {args.duration} s per run after {args.warmup} s warm-up, median of "
              f"{args.rounds} rounds, each running the three back to back (order rotating); overheads are the median "
              "of each round's own ratio, so a load that drifts over minutes cancels out. "
-             f"gunicorn gthread {workers} workers x {threads} threads; smtp-sink; "
+             f"gunicorn gthread {workers} workers x {threads} threads{', each pinned to a CPU' if args.pin else ''}; smtp-sink; "
              "a unique Idempotency-Key per request (IDEMPOTENCY_MAX_ENTRIES raised).", "",
              "| variant | req/s | p50 ms | p99 ms | cost ms/req | overhead vs no key | worker CPU ms/req | CPU overhead "
              "| errors | 200s | sink counted |",
@@ -122,6 +137,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the three variants (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin each gunicorn worker to a CPU: steadier figures on a noisy machine")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
                         help="a Redis database of the benchmark's own: it is flushed (redis://127.0.0.1:6379/14)")
     args = parser.parse_args()
