@@ -320,7 +320,7 @@ class SQLiteStore:
 
     def _purge(self, now):
         """Expired rows go without a separate job: a scan now and then, by whichever request is due."""
-        self._next_purge = now + self.PURGE_EVERY
+        self._next_purge = now + self.PURGE_EVERY  # set first: a scan that fails waits its turn too
         self._run(f"DELETE FROM {self.TABLE} WHERE expires_at <= ?", (now,))
         oldest, newest = self._fetch(f"SELECT ifnull(min(rowid), 0), ifnull(max(rowid), 0) FROM {self.TABLE}")
         self._oldest = oldest
