@@ -213,7 +213,7 @@ class SQLiteStore:
         self._lock = threading.Lock()  # this process's connection: one statement at a time
         self._conn, self._pid = None, None
         self._next_purge = 0.0
-        self._oldest = 0  # the smallest rowid at the last purge
+        self._oldest = self._newest = 0  # the smallest rowid at the last purge; the largest seen
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -311,9 +311,12 @@ class SQLiteStore:
 
     def _over_capacity(self, rowid, now):
         """Whether the row just added is one too many. A new row's rowid is the largest plus
-        one, so the span from the oldest row bounds the count; only near the limit (or after
-        the rowids restarted) are the live rows counted, counting others' new rows too."""
-        if 0 < rowid - self._oldest + 1 <= self.max_entries:
+        one, so the span from the oldest row bounds the count; only near the limit are the live
+        rows counted, counting others' new rows too."""
+        if rowid <= self._newest:  # the newest rows went, so rowids came round again: the span
+            self._oldest = 0       # from the oldest this process saw means nothing until a purge
+        self._newest = rowid
+        if rowid - self._oldest + 1 <= self.max_entries:
             return False
         live = self._fetch(f"SELECT count(*) FROM {self.TABLE} WHERE expires_at > ?", (now,))[0]
         return live > self.max_entries
@@ -323,7 +326,7 @@ class SQLiteStore:
         self._next_purge = now + self.PURGE_EVERY  # set first: a scan that fails waits its turn too
         self._run(f"DELETE FROM {self.TABLE} WHERE expires_at <= ?", (now,))
         oldest, newest = self._fetch(f"SELECT ifnull(min(rowid), 0), ifnull(max(rowid), 0) FROM {self.TABLE}")
-        self._oldest = oldest
+        self._oldest, self._newest = oldest, newest
         self._next_purge = now + max(self.PURGE_EVERY, (newest - oldest) / 10000)
 
     def get(self, key):

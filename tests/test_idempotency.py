@@ -335,6 +335,25 @@ def test_sqlite_capacity_counts_live_rows_not_the_rowid_span(stores, tmp_path):
         assert "e" not in {k for (k,) in db.execute("SELECT key FROM idempotency_keys")}
 
 
+def test_sqlite_capacity_holds_when_rowids_come_round_again(stores, tmp_path):
+    path = tmp_path / "idem.sqlite3"
+    store = stores(f"sqlite:///{path}", max_entries=3)
+    other = sqlite3.connect(path, isolation_level=None)  # another worker of the same host
+    for k in ("a", "b", "c"):
+        store.begin(k, "fp", lease=30)  # rowids 1, 2, 3
+    other.execute("DELETE FROM idempotency_keys WHERE key IN ('a', 'b')")
+    time.sleep(1.1)  # this store's next purge sees 3 as the oldest rowid
+    assert store.begin("d", "fp", lease=30)[0] == NEW  # rowid 4
+    # The other worker's rows replace every one of them, numbered from 1 again...
+    other.execute("DELETE FROM idempotency_keys")
+    for k in ("x", "y", "z"):
+        other.execute("INSERT INTO idempotency_keys (key, fingerprint, state, token, expires_at)"
+                      " VALUES (?, 'fp', 'pending', 't', ?)", (k, time.time() + 30))
+    # ...so rowid 4 again, 2 above the oldest this store saw, yet the store is full.
+    assert store.begin("e", "fp", lease=30)[0] == FULL
+    other.close()
+
+
 def test_sqlite_waits_out_another_writer_then_gives_up_as_unavailable(stores, tmp_path):
     from herald_smtp.idempotency import StoreUnavailable
 
