@@ -268,7 +268,7 @@ class SQLiteStore:
                 time.sleep(0.0001)
 
     def _run(self, sql, args=()):
-        """One statement that writes; its cursor's rowcount and lastrowid are read afterwards."""
+        """One statement that writes; its cursor's rowcount is read afterwards."""
         with self._lock:
             return self._execute(self._connect(), sql, args)
 
@@ -288,12 +288,10 @@ class SQLiteStore:
                 now, token = time.time(), uuid.uuid4().hex
                 if now >= self._next_purge:
                     self._purge(now)
-                cur = self._run(f"INSERT INTO {self.TABLE} (key, fingerprint, state, token, expires_at)"
-                                " VALUES (?, ?, 'pending', ?, ?) ON CONFLICT (key) DO NOTHING",
-                                (key, fp, token, now + lease))
-                if cur.rowcount:
-                    if self._over_capacity(cur.lastrowid, now):
-                        self._run(f"DELETE FROM {self.TABLE} WHERE rowid = ? AND token = ?", (cur.lastrowid, token))
+                rowid = self._insert(key, fp, token, now + lease)
+                if rowid:
+                    if self._over_capacity(rowid, now):
+                        self._run(f"DELETE FROM {self.TABLE} WHERE rowid = ? AND token = ?", (rowid, token))
                         return FULL, None, None
                     return NEW, None, token
                 # A known key: take it over if its lease ran out or its send failed.
@@ -309,13 +307,24 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise StoreUnavailable(str(e)) from None
 
+    def _insert(self, key, fp, token, expires):
+        """A new key's row: its rowid, or 0 if the key is known. Under the same lock as the insert,
+        so this process sees its rowids in the order SQLite gave them."""
+        with self._lock:
+            cur = self._execute(self._connect(), f"INSERT INTO {self.TABLE} (key, fingerprint, state, token,"
+                                " expires_at) VALUES (?, ?, 'pending', ?, ?) ON CONFLICT (key) DO NOTHING",
+                                (key, fp, token, expires))
+            if not cur.rowcount:
+                return 0
+            if cur.lastrowid <= self._newest:  # the newest rows went, so rowids came round again: the
+                self._oldest = 0               # span from the oldest seen means nothing until a purge
+            self._newest = cur.lastrowid
+            return cur.lastrowid
+
     def _over_capacity(self, rowid, now):
         """Whether the row just added is one too many. A new row's rowid is the largest plus
         one, so the span from the oldest row bounds the count; only near the limit are the live
         rows counted, counting others' new rows too."""
-        if rowid <= self._newest:  # the newest rows went, so rowids came round again: the span
-            self._oldest = 0       # from the oldest this process saw means nothing until a purge
-        self._newest = rowid
         if rowid - self._oldest + 1 <= self.max_entries:
             return False
         live = self._fetch(f"SELECT count(*) FROM {self.TABLE} WHERE expires_at > ?", (now,))[0]
@@ -324,9 +333,12 @@ class SQLiteStore:
     def _purge(self, now):
         """Expired rows go without a separate job: a scan now and then, by whichever request is due."""
         self._next_purge = now + self.PURGE_EVERY  # set first: a scan that fails waits its turn too
-        self._run(f"DELETE FROM {self.TABLE} WHERE expires_at <= ?", (now,))
-        oldest, newest = self._fetch(f"SELECT ifnull(min(rowid), 0), ifnull(max(rowid), 0) FROM {self.TABLE}")
-        self._oldest, self._newest = oldest, newest
+        with self._lock:  # the bounds are read and kept in one turn, as _insert keeps them
+            db = self._connect()
+            self._execute(db, f"DELETE FROM {self.TABLE} WHERE expires_at <= ?", (now,))
+            oldest, newest = self._execute(db, f"SELECT ifnull(min(rowid), 0), ifnull(max(rowid), 0)"
+                                               f" FROM {self.TABLE}").fetchone()
+            self._oldest, self._newest = oldest, newest
         self._next_purge = now + max(self.PURGE_EVERY, (newest - oldest) / 10000)
 
     def get(self, key):
