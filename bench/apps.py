@@ -5,14 +5,20 @@ baseline: a minimal Flask + smtplib relay as most Flask users write it (the Flas
 a new SMTP connection for every email (greeting, EHLO, MAIL, RCPT, DATA, QUIT), the message
 built with EmailMessage. No validation, idempotency store or app logging: less work than ours.
 bare: the same route answering without sending, the HTTP ceiling of this gunicorn setup.
+floor(writes): herald-smtp itself, its SQLite store cut down to the bare writes of a new key
+(bench/idempotency_bench.py --floor): what any store of this layout costs before its own logic.
 """
 
 import os
 import smtplib
+import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from flask import Flask, request
+
+from herald_smtp import create_app
+from herald_smtp.idempotency import NEW, SQLiteStore
 
 SMTP_HOST = os.environ.get("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = int(os.environ.get("SMTP_PORT", "25"))
@@ -48,3 +54,30 @@ def send():
 def send_nothing():
     request.get_json()
     return {"ok": True, "message_id": request.headers.get("Idempotency-Key"), "provider": "smtp"}
+
+
+class FloorStore(SQLiteStore):
+    """The SQLite store's writes for a new key and nothing else: the INSERT that reserves it and,
+    with writes=2, the UPDATE that completes it. No capacity check, purge or takeover: a yardstick,
+    not a store (a repeated key is sent again)."""
+
+    writes = 2
+
+    def begin(self, key, fp, lease):
+        token = os.urandom(16).hex()
+        self._insert(key, fp, token, time.time() + lease)
+        return NEW, None, token
+
+    def complete(self, key, token, message_id, ttl):
+        if self.writes == 2:
+            super().complete(key, token, message_id, ttl)
+
+
+def floor(writes: int):
+    """herald-smtp with FloorStore on IDEMPOTENCY_STORE's file: `bench.apps:floor(2)`."""
+    app = create_app()
+    service = app.extensions["herald_smtp"]
+    service.store.close()
+    service.store = FloorStore(service.store.path, service.config.idempotency_max_entries)
+    service.store.writes = writes
+    return app
