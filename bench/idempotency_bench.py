@@ -7,6 +7,8 @@ sending to Postfix's smtp-sink, loaded by wrk at the connection count of bench/r
     store's directory, so on the same filesystem),
   - a unique key per request on Redis (a database of its own, flushed before each run),
 in interleaved rounds, median of each. IDEMPOTENCY_MAX_ENTRIES is raised so the store never fills.
+With --floor, also herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor): the
+INSERT and UPDATE of a new key, then the INSERT alone; what the store costs before its own logic.
 Prints req/s, p50, p99, the per-request cost (1 / req/s at saturation) and its overhead over no key,
 and the gunicorn workers' CPU time per request (Redis's own CPU not included), which the noise
 of a shared machine moves less than req/s.
@@ -34,11 +36,16 @@ from herald_smtp.config import default_idempotency_store  # noqa: E402
 from herald_smtp.idempotency import sqlite_path  # noqa: E402
 
 API_KEY = "bench-api-key"  # bench_env's
-VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store"}
+VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
+            "floor2": "floor: SQLite INSERT + UPDATE only", "floor1": "floor: SQLite INSERT only"}
+APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)"}  # the others: app:app
 
-def wrk(url, seconds, connections, keyed):
+
+def wrk(url, seconds, connections, keyed, cpu=None):
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "send.lua"),
            url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
     return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
@@ -49,13 +56,18 @@ def worker_pids(master):
     return subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
 
 
-def pin(master):
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pin(master, sink):
     """Each worker, every thread of it, on a CPU of its own: without the GIL handing off between
-    cores, a worker's CPU per request moves far less with the machine's load."""
-    cpus = sorted(os.sched_getaffinity(0))
+    CPUs, a worker's CPU per request moves far less with the machine's load. wrk goes on the last
+    CPU (left to wander, it made some runs half as fast) and the sink on the first, so every run
+    shares the CPUs out alike."""
     for i, pid in enumerate(worker_pids(master)):
         for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), {cpus[i % len(cpus)]})
+            os.sched_setaffinity(int(tid), {CPUS[i % len(CPUS)]})
+    os.sched_setaffinity(sink.proc.pid, {CPUS[0]})
 
 
 def workers_cpu(master):
@@ -74,27 +86,28 @@ def one_run(variant, args, workdir, env):
     # A fresh SQLite file where the default store lives (its directory, not its name).
     sqlite = os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
                           f"bench-{uuid.uuid4().hex[:8]}.sqlite3")
-    store = {"none": "", "sqlite": f"sqlite://{sqlite}", "redis": args.redis_url}[variant]
+    store = args.redis_url if variant == "redis" else f"sqlite://{sqlite}"
     if variant == "redis":
         redis.Redis.from_url(args.redis_url).flushdb()
     sink = Sink(workdir)
     port = free_port()
     log = workdir / f"gunicorn-{variant}-{port}.log"
     genv = {**env, "PORT": f"127.0.0.1:{port}", "SMTP_PORT": str(sink.port),
-            "IDEMPOTENCY_STORE": store or f"sqlite://{workdir}/unused.sqlite3"}
+            "IDEMPOTENCY_STORE": store}
     try:
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", APPS.get(variant, "app:app")],
                                     cwd=ROOT, env=genv, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
                      f"gunicorn (see {log})")
             if args.pin:
-                pin(proc.pid)
-            wrk(url, args.warmup, args.connections, variant != "none")
+                pin(proc.pid, sink)
+            wrk_cpu = CPUS[-1] if args.pin else None
+            wrk(url, args.warmup, args.connections, variant != "none", wrk_cpu)
             cpu = workers_cpu(proc.pid)
-            result = wrk(url, args.duration, args.connections, variant != "none")
+            result = wrk(url, args.duration, args.connections, variant != "none", wrk_cpu)
             result["cpu_ms"] = (workers_cpu(proc.pid) - cpu) * 1000 / (result["rps"] * args.duration)
         finally:
             stop(proc)
@@ -113,7 +126,7 @@ def one_run(variant, args, workdir, env):
 
 def render(results, args, workers, threads):
     lines = [f"wrk -t1 -c{args.connections}, {args.duration} s per run after {args.warmup} s warm-up, median of "
-             f"{args.rounds} rounds, each running the three back to back (order rotating); overheads are the median "
+             f"{args.rounds} rounds, each running every variant back to back (order rotating); overheads are the median "
              "of each round's own ratio, so a load that drifts over minutes cancels out. "
              f"gunicorn gthread {workers} workers x {threads} threads{', each pinned to a CPU' if args.pin else ''}; smtp-sink; "
              "a unique Idempotency-Key per request (IDEMPOTENCY_MAX_ENTRIES raised).", "",
@@ -135,21 +148,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the three variants (5)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the variants (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--pin", action="store_true",
-                        help="pin each gunicorn worker to a CPU: steadier figures on a noisy machine")
+                        help="pin each gunicorn worker, wrk and the sink to CPUs: steadier figures on a noisy machine")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",
                         help="a Redis database of the benchmark's own: it is flushed (redis://127.0.0.1:6379/14)")
     args = parser.parse_args()
 
     workers, threads, env = prepare(args)
-    rounds = {v: [] for v in VARIANTS}
+    names = [v for v in VARIANTS if args.floor or not v.startswith("floor")]
+    rounds = {v: [] for v in names}
     with tempfile.TemporaryDirectory(prefix="herald-idem-bench-") as tmp:
         workdir = Path(tmp)
-        names = list(VARIANTS)
         for i in range(args.rounds):
-            for v in names[i % 3:] + names[:i % 3]:
+            for v in names[i % len(names):] + names[:i % len(names)]:
                 print(f"round {i + 1}/{args.rounds}: {VARIANTS[v]}", flush=True)
                 rounds[v].append(one_run(v, args, workdir, env))
     redis.Redis.from_url(args.redis_url).flushdb()
