@@ -61,7 +61,9 @@ class FloorStore(SQLiteStore):
     with writes=2, the UPDATE that completes it. No capacity check, purge or takeover: a yardstick,
     not a store (a repeated key is sent again)."""
 
-    writes = 2
+    def __init__(self, path: str, max_entries: int, writes: int):
+        super().__init__(path, max_entries)
+        self.writes = writes
 
     def begin(self, key, fp, lease):
         token = os.urandom(16).hex()
@@ -77,7 +79,7 @@ def floor(writes: int):
     """herald-smtp with FloorStore on IDEMPOTENCY_STORE's file: `bench.apps:floor(2)`."""
     app = create_app()
     service = app.extensions["herald_smtp"]
+    path = service.store.path
     service.store.close()
-    service.store = FloorStore(service.store.path, service.config.idempotency_max_entries)
-    service.store.writes = writes
+    service.store = FloorStore(path, service.config.idempotency_max_entries, writes)
     return app

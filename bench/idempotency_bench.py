@@ -128,7 +128,7 @@ def render(results, args, workers, threads):
     lines = [f"wrk -t1 -c{args.connections}, {args.duration} s per run after {args.warmup} s warm-up, median of "
              f"{args.rounds} rounds, each running every variant back to back (order rotating); overheads are the median "
              "of each round's own ratio, so a load that drifts over minutes cancels out. "
-             f"gunicorn gthread {workers} workers x {threads} threads{', each pinned to a CPU' if args.pin else ''}; smtp-sink; "
+             f"gunicorn gthread {workers} workers x {threads} threads{', each pinned to a CPU (wrk and smtp-sink too)' if args.pin else ''}; smtp-sink; "
              "a unique Idempotency-Key per request (IDEMPOTENCY_MAX_ENTRIES raised).", "",
              "| variant | req/s | p50 ms | p99 ms | cost ms/req | overhead vs no key | worker CPU ms/req | CPU overhead "
              "| errors | 200s | sink counted |",
