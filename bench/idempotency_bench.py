@@ -11,7 +11,10 @@ With --floor, also herald-smtp on the bare writes of its SQLite layout (bench/ap
 INSERT and UPDATE of a new key, then the INSERT alone; what the store costs before its own logic.
 Prints req/s, p50, p99, the per-request cost (1 / req/s at saturation) and its overhead over no key,
 and the gunicorn workers' CPU time per request (Redis's own CPU not included), which the noise
-of a shared machine moves less than req/s.
+of a shared machine moves less than req/s. wrk's keep-alive connections stay with the worker that
+accepted them, and when most land on one worker, req/s is that worker's alone; the split (the
+least busy worker's CPU over the busiest's) is printed for every round, and the CPU figure holds
+either way.
 Target: the default store adds under 10% to the request cost.
 """
 
@@ -71,14 +74,13 @@ def pin(master, sink):
 
 
 def workers_cpu(master):
-    """CPU seconds (user + system) used so far by the master's worker processes."""
-    pids = worker_pids(master)
-    ticks = 0
-    for pid in pids:
+    """CPU seconds (user + system) used so far by each of the master's worker processes."""
+    seconds = {}
+    for pid in worker_pids(master):
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return seconds
 
 
 def one_run(variant, args, workdir, env):
@@ -108,7 +110,9 @@ def one_run(variant, args, workdir, env):
             wrk(url, args.warmup, args.connections, variant != "none", wrk_cpu)
             cpu = workers_cpu(proc.pid)
             result = wrk(url, args.duration, args.connections, variant != "none", wrk_cpu)
-            result["cpu_ms"] = (workers_cpu(proc.pid) - cpu) * 1000 / (result["rps"] * args.duration)
+            used = [t - cpu.get(pid, 0) for pid, t in workers_cpu(proc.pid).items()]
+            result["cpu_ms"] = sum(used) * 1000 / (result["rps"] * args.duration)
+            result["split"] = min(used) / max(used) if max(used) > 0 else 1.0
         finally:
             stop(proc)
         result["delivered"] = sink.messages()
@@ -138,9 +142,10 @@ def render(results, args, workers, threads):
         cpu_overhead = "-" if v == "none" else f"{r['cpu_overhead'] * 100:+.1f}%"
         lines.append(f"| {VARIANTS[v]} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cost_ms']:.3f} | "
                      f"{overhead} | {r['cpu_ms']:.3f} | {cpu_overhead} | {r['errors']} | {r['ok']} | {r['delivered']} |")
-    sq = results["sqlite"]["overhead"] * 100
+    sq, sq_cpu = results["sqlite"]["overhead"] * 100, results["sqlite"]["cpu_overhead"] * 100
     lines += ["", f"Target: the default store adds under 10% to the request cost: "
-              f"{'PASS' if sq < 10 else 'FAIL'} ({sq:+.1f}%)."]
+              f"{'PASS' if sq < 10 else 'FAIL'} by req/s ({sq:+.1f}%), {'PASS' if sq_cpu < 10 else 'FAIL'} "
+              f"by worker CPU per request ({sq_cpu:+.1f}%)."]
     return "\n".join(lines)
 
 
@@ -173,7 +178,7 @@ def main():
         r = {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms")}
         r.update({k: sum(x[k] for x in rs) for k in ("errors", "ok", "delivered")})
         r["cost_ms"] = 1000 / r["rps"]
-        r["rounds_rps"] = [round(x["rps"]) for x in rs]
+        r["rounds"] = [f"{x['rps']:.0f} ({x['split']:.2f})" for x in rs]
         # Cost is 1 / req/s at saturation: the overhead is how much longer a request takes.
         r["overhead"] = statistics.median(n["rps"] / x["rps"] - 1 for n, x in zip(rounds["none"], rs))
         r["cpu_overhead"] = statistics.median(x["cpu_ms"] / n["cpu_ms"] - 1 for n, x in zip(rounds["none"], rs))
@@ -184,7 +189,8 @@ def main():
     print(f"Command: .venv/bin/python bench/idempotency_bench.py {' '.join(sys.argv[1:])}".rstrip())
     print()
     print(render(results, args, workers, threads))
-    print("req/s per round: " + "; ".join(f"{VARIANTS[v]} {r['rounds_rps']}" for v, r in results.items()))
+    print("req/s per round (worker CPU split): " + "; ".join(f"{VARIANTS[v]} {', '.join(r['rounds'])}"
+                                                          for v, r in results.items()))
 
 
 if __name__ == "__main__":
