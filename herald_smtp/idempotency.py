@@ -193,7 +193,7 @@ def _refuse_shared_temp_dir(directory: str) -> None:
 class SQLiteStore:
     """A file every worker of one host shares; WAL lets readers run beside the one writer.
 
-    Laid out for few, small writes, since each costs whole WAL pages and a trip out of the GIL:
+    Laid out for few, small writes, since each costs six file locks and whole WAL pages:
     - A new key is one plain INSERT, its completion one UPDATE. Rows go in rowid order (a unique
       index finds a key), so both land on the newest page.
     - There is no expiry index and no row counter to keep up: expired rows go in a scan now and
