@@ -6,7 +6,8 @@ a new SMTP connection for every email (greeting, EHLO, MAIL, RCPT, DATA, QUIT), 
 built with EmailMessage. No validation, idempotency store or app logging: less work than ours.
 bare: the same route answering without sending, the HTTP ceiling of this gunicorn setup.
 floor(writes): herald-smtp itself, its SQLite store cut down to the bare writes of a new key
-(bench/idempotency_bench.py --floor): what any store of this layout costs before its own logic.
+(bench/idempotency_bench.py --floor): what any store of this layout costs before its own logic;
+floor(0) writes nothing, which leaves what a key costs outside the store (fingerprint, checks).
 """
 
 import os
@@ -57,9 +58,9 @@ def send_nothing():
 
 
 class FloorStore(SQLiteStore):
-    """The SQLite store's writes for a new key and nothing else: the INSERT that reserves it and,
-    with writes=2, the UPDATE that completes it. No capacity check, purge or takeover: a yardstick,
-    not a store (a repeated key is sent again)."""
+    """The SQLite store's writes for a new key and nothing else: with writes=1, the INSERT that
+    reserves it; with 2, also the UPDATE that completes it; with 0, neither. No capacity check,
+    purge or takeover: a yardstick, not a store (a repeated key is sent again)."""
 
     def __init__(self, path: str, max_entries: int, writes: int):
         super().__init__(path, max_entries)
@@ -67,7 +68,8 @@ class FloorStore(SQLiteStore):
 
     def begin(self, key, fp, lease):
         token = os.urandom(16).hex()
-        self._insert(key, fp, token, time.time() + lease)
+        if self.writes:
+            self._insert(key, fp, token, time.time() + lease)
         return NEW, None, token
 
     def complete(self, key, token, message_id, ttl):

@@ -8,7 +8,8 @@ sending to Postfix's smtp-sink, loaded by wrk at the connection count of bench/r
   - a unique key per request on Redis (a database of its own, flushed before each run),
 in interleaved rounds, median of each. IDEMPOTENCY_MAX_ENTRIES is raised so the store never fills.
 With --floor, also herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor): the
-INSERT and UPDATE of a new key, then the INSERT alone; what the store costs before its own logic.
+INSERT and UPDATE of a new key, then the INSERT alone, then no write at all (what a key costs
+outside the store: fingerprint and checks); what the store costs before its own logic.
 Prints req/s, p50, p99, the per-request cost (1 / req/s at saturation) and its overhead over no key,
 and the gunicorn workers' CPU time per request (Redis's own CPU not included), which the noise
 of a shared machine moves less than req/s. wrk's keep-alive connections stay with the worker that
@@ -40,8 +41,9 @@ from herald_smtp.idempotency import sqlite_path  # noqa: E402
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
-            "floor2": "floor: SQLite INSERT + UPDATE only", "floor1": "floor: SQLite INSERT only"}
-APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)"}  # the others: app:app
+            "floor2": "floor: SQLite INSERT + UPDATE only", "floor1": "floor: SQLite INSERT only",
+            "floor0": "floor: a key, no store writes"}
+APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)", "floor0": "bench.apps:floor(0)"}  # others: app:app
 
 
 def wrk(url, seconds, connections, keyed, cpu=None):
