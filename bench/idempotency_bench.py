@@ -15,7 +15,7 @@ and the gunicorn workers' CPU time per request (Redis's own CPU not included), w
 of a shared machine moves less than req/s. wrk's keep-alive connections stay with the worker that
 accepted them, and when most land on one worker, req/s is that worker's alone; the split (the
 least busy worker's CPU over the busiest's) is printed for every round, and the CPU figure holds
-either way.
+either way. For the steadiest figures, run one worker: WEB_CONCURRENCY=1 with --connections 8.
 Target: the default store adds under 10% to the request cost.
 """
 
@@ -43,7 +43,8 @@ API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
             "floor2": "floor: SQLite INSERT + UPDATE only", "floor1": "floor: SQLite INSERT only",
             "floor0": "floor: a key, no store writes"}
-APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)", "floor0": "bench.apps:floor(0)"}  # others: app:app
+# The others serve app:app.
+APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)", "floor0": "bench.apps:floor(0)"}
 
 
 def wrk(url, seconds, connections, keyed, cpu=None):
