@@ -86,11 +86,21 @@ def workers_cpu(master):
     return seconds
 
 
+def fresh_sqlite(prefix):
+    """A new SQLite file's path where the default store lives (its directory, so its filesystem)."""
+    return os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
+                        f"{prefix}-{uuid.uuid4().hex[:8]}.sqlite3")
+
+
+def remove_sqlite(path):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
 def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
-    # A fresh SQLite file where the default store lives (its directory, not its name).
-    sqlite = os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
-                          f"bench-{uuid.uuid4().hex[:8]}.sqlite3")
+    sqlite = fresh_sqlite("bench")
     store = args.redis_url if variant == "redis" else f"sqlite://{sqlite}"
     if variant == "redis":
         redis.Redis.from_url(args.redis_url).flushdb()
@@ -121,9 +131,7 @@ def one_run(variant, args, workdir, env):
         result["delivered"] = sink.messages()
     finally:
         sink.stop()
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(sqlite + suffix):
-                os.remove(sqlite + suffix)
+        remove_sqlite(sqlite)
     answered = [json.loads(line)["status"] for line in log.read_text().splitlines()
                 if '"event": "access"' in line and '"/v1/send"' in line]
     result["ok"] = sum(str(s) == "200" for s in answered)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.idempotency_bench import fresh_sqlite, remove_sqlite  # noqa: E402
 from bench.run import Sink, bench_env, ensure_tools  # noqa: E402
 from herald_smtp import create_app  # noqa: E402
-from herald_smtp.config import default_idempotency_store  # noqa: E402
-from herald_smtp.idempotency import SQLiteStore, sqlite_path  # noqa: E402
+from herald_smtp.idempotency import SQLiteStore  # noqa: E402
 
 BODY = '{"to":"user%d@example.com","subject":"Verification code","template":"login","params":{"code":"%06d"}}'
 
@@ -35,9 +35,7 @@ def main():
     args = parser.parse_args()
     ensure_tools()
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one CPU: its caches are the subject
-    # In the default store's directory (tmpfs here), as the service keeps it.
-    path = os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
-                        f"store-cold-{uuid.uuid4().hex[:8]}.sqlite3")
+    path = fresh_sqlite("store-cold")  # in the default store's directory (tmpfs here), as the service keeps it
     with tempfile.TemporaryDirectory(prefix="herald-store-cold-") as tmp:
         sink = Sink(Path(tmp))
         try:
@@ -74,9 +72,7 @@ def main():
             store.close()
         finally:
             sink.stop()
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
-                    os.remove(path + suffix)
+            remove_sqlite(path)
     med = {k: statistics.median(v) * 1e6 for k, v in rows.items()}
     print(f"herald-smtp store, {args.requests} requests x {args.rounds} rounds, one CPU, median us of thread CPU time")
     for k, v in med.items():
