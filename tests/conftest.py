@@ -25,7 +25,9 @@ from herald_smtp import create_app, load_config
 from herald_smtp.logs import JsonFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REDIS_DB = 13  # this project's tests' own database on the machine's Redis
+# This project's tests' own database on the machine's Redis; two checkouts testing at once
+# on one machine each set their own (HERALD_TEST_REDIS_DB), since the tests flush it.
+REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "13"))
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
 
