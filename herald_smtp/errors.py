@@ -29,7 +29,12 @@ class SendError(Exception):
         self.status = status or STATUS[code]
 
     def __repr__(self):
-        return f"SendError({self.code!r}, {self.message!r})"
+        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+class DeliveryUnknown(SendError):
+    """The message data went out but its final reply never came (connection lost, deadline
+    passed): the server may have accepted the mail, so it must never be retried here."""
 
 
 def envelope(err: SendError):

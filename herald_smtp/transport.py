@@ -4,6 +4,8 @@ Like Postfix's connection cache, a session is reused for a bounded time and numb
 messages, and a cached session the server has dropped is normal, not an error: if it fails
 before the message data was handed over, we reconnect and try once more. Once the data has
 been sent the mail may have been accepted, so we never retry after that point.
+Every byte read or written, at every stage, waits only for what is left of the send's one
+deadline, so no server can stretch a send past it.
 Knows nothing about HTTP; failures leave as SendError with a contract code.
 """
 
@@ -17,29 +19,118 @@ import threading
 import time
 
 from .config import Config
-from .errors import SendError
+from .errors import DeliveryUnknown, SendError
 
 log = logging.getLogger("herald_smtp.transport")
+
+QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
 
 
 class _Stale(Exception):
     """A reused connection died before the message data was sent: safe to retry once."""
 
 
+class Deadline:
+    """When (time.monotonic()) the session's current work must be over. One per session, shared
+    by its plain socket and the TLS socket that replaces it at STARTTLS."""
+    __slots__ = ("at",)
+
+    def __init__(self, at: float):
+        self.at = at
+
+
+class _DeadlineIO:
+    """Socket methods that wait only for what is left of the deadline. A socket timeout alone
+    restarts at every recv, so a server dribbling a byte at a time would never be cut off."""
+    deadline: Deadline
+
+    def _arm(self):
+        left = self.deadline.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("SMTP deadline passed")
+        self.settimeout(left)
+
+    def recv(self, *args):
+        self._arm()
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self._arm()
+        return super().recv_into(*args)
+
+    def send(self, *args):
+        self._arm()
+        return super().send(*args)
+
+    def sendall(self, *args):
+        # A plain socket's sendall is bounded as a whole by its timeout; a TLS one calls send().
+        self._arm()
+        return super().sendall(*args)
+
+
+class _Socket(_DeadlineIO, socket.socket):
+    pass
+
+
+class _TLSSocket(_DeadlineIO, ssl.SSLSocket):
+    """What our TLS context wraps sockets in (its sslsocket_class)."""
+
+    @classmethod
+    def _create(cls, sock, *args, **kwargs):
+        sock._arm()  # the handshake inside is bounded as a whole by the socket's timeout
+        tls = super()._create(sock, *args, **kwargs)
+        tls.deadline = sock.deadline
+        return tls
+
+
+def _connect(host: str, port: int, deadline: Deadline) -> _Socket:
+    """socket.create_connection on a deadline socket: every address tried shares the deadline."""
+    error = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = _Socket(family, kind, proto)
+        sock.deadline = deadline
+        try:
+            sock._arm()
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise
+            error = e
+    raise error or OSError("the SMTP host has no address")
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib on deadline sockets, from the connect through the greeting, TLS and every command."""
+
+    def __init__(self, deadline: Deadline, helo: str, tls: ssl.SSLContext = None, implicit_tls: bool = False):
+        super().__init__(local_hostname=helo)  # no host: open() connects
+        self.deadline, self.tls, self.implicit_tls = deadline, tls, implicit_tls
+
+    def open(self, host: str, port: int) -> None:
+        self._host = host  # starttls() checks the certificate against it
+        code, message = self.connect(host, port)
+        if code != 220:
+            self.close()
+            raise smtplib.SMTPConnectError(code, message)
+
+    def _get_socket(self, host, port, timeout):
+        sock = _connect(host, port, self.deadline)
+        return self.tls.wrap_socket(sock, server_hostname=host) if self.implicit_tls else sock
+
+
 class _Session:
     __slots__ = ("smtp", "opened", "last_used", "sent")
 
-    def __init__(self, smtp):
+    def __init__(self, smtp: _SMTP):
         self.smtp = smtp
         self.opened = self.last_used = time.monotonic()
         self.sent = 0
 
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
+    def until(self, deadline: float) -> None:
+        """Bound everything the session does from now on by `deadline`."""
+        self.smtp.deadline.at = deadline
 
 
 def _ehlo(smtp) -> None:
@@ -80,15 +171,17 @@ class Transport:
             if cfg.smtp_skip_tls_verify:
                 self._tls.check_hostname = False
                 self._tls.verify_mode = ssl.CERT_NONE
+            self._tls.sslsocket_class = _TLSSocket  # TLS reads and writes keep the deadline too
 
     # -- public ------------------------------------------------------------------
 
     def send(self, sender: str, recipient: str, data: bytes, deadline: float) -> None:
-        """Deliver one message before `deadline` (time.monotonic()) or raise SendError."""
+        """Deliver one message before `deadline` (time.monotonic()) or raise SendError.
+        DeliveryUnknown: the data went out, its reply did not come back."""
         if not self._slots.acquire(blocking=False):
             raise SendError("rate_limited", "too many sends in progress; retry later")
         try:
-            session = self._cached()
+            session = self._cached(deadline)
             try:
                 if session is None:
                     session = self._open(deadline)
@@ -103,11 +196,12 @@ class Transport:
             self._slots.release()
 
     def close_all(self) -> None:
-        """QUIT every connection this process holds (gunicorn's worker_exit)."""
+        """QUIT every connection this process holds (gunicorn's worker_exit), within QUIT_SECONDS."""
         with self._lock:
             sessions = list(self._sessions)
+        until = time.monotonic() + QUIT_SECONDS
         for s in sessions:
-            self._drop(s, polite=True)
+            self._drop(s, polite=True, until=until)
 
     def probe(self, sender: str, deadline: float) -> None:
         """Go as far as a send without sending: connect, EHLO, STARTTLS, AUTH, MAIL FROM, then
@@ -115,31 +209,30 @@ class Transport:
         try:
             session = self._open(deadline)
             try:
-                self._step(session.smtp, deadline)
                 code, _ = session.smtp.mail(sender)
                 if code != 250:
                     raise _reply_error("the sender", code)
-                self._step(session.smtp, deadline)
                 session.smtp.rset()
             except (OSError, smtplib.SMTPException) as e:
                 if _timed_out(e, deadline):
                     raise TimeoutError from None
                 raise self._open_error(e) from None
             finally:
-                self._drop(session, polite=True)
+                self._drop(session, polite=True, until=deadline)
         except TimeoutError:
             raise SendError("timeout", "SMTP server did not answer before the deadline") from None
 
     # -- connections -------------------------------------------------------------
 
-    def _cached(self):
+    def _cached(self, deadline: float):
         session = getattr(self._local, "session", None)
         if session is None:
             return None
         now = time.monotonic()
         if (now - session.last_used > self.cfg.smtp_max_idle_seconds
                 or session.sent >= self.cfg.smtp_max_messages_per_connection):
-            self._drop(session, polite=True, wait=False)  # a request is waiting: say QUIT, don't wait for 221
+            # A request is waiting: say QUIT, don't wait for 221.
+            self._drop(session, polite=True, wait=False, until=min(deadline, now + QUIT_SECONDS))
             return None
         if self._readable(session):
             # The server spoke unasked (a 421 before closing) or closed: it is gone.
@@ -157,24 +250,16 @@ class Transport:
 
     def _open(self, deadline: float) -> _Session:
         cfg = self.cfg
-        smtp = None
+        smtp = _SMTP(Deadline(deadline), self.helo, self._tls, cfg.smtp_use_tls)
         try:
-            timeout = _remaining(deadline)
-            cls = smtplib.SMTP_SSL if cfg.smtp_use_tls else smtplib.SMTP
-            extra = {"context": self._tls} if cfg.smtp_use_tls else {}
-            # Connects and reads the greeting (SMTPConnectError unless 220).
-            smtp = cls(cfg.smtp_host, cfg.smtp_port, local_hostname=self.helo, timeout=timeout, **extra)
-            self._step(smtp, deadline)
+            smtp.open(cfg.smtp_host, cfg.smtp_port)  # connect and greeting (SMTPConnectError unless 220)
             _ehlo(smtp)
             if cfg.smtp_use_starttls:
                 if not smtp.has_extn("starttls"):
                     raise SendError("provider_down", "SMTP server does not offer STARTTLS; refusing to send in clear")
-                self._step(smtp, deadline)
                 smtp.starttls(context=self._tls)
-                self._step(smtp, deadline)
                 _ehlo(smtp)
             if cfg.smtp_user:
-                self._step(smtp, deadline)
                 smtp.login(cfg.smtp_user, cfg.smtp_password)
         except SendError:
             self._discard(smtp)
@@ -210,22 +295,16 @@ class Transport:
             return SendError("provider_down", "SMTP server unreachable")
         return SendError("send_failed", "unexpected error while connecting to the SMTP server")
 
-    @staticmethod
-    def _step(smtp, deadline: float) -> None:
-        """Bound the next exchange by what is left of the whole send's deadline."""
-        if smtp.sock is not None:
-            smtp.sock.settimeout(_remaining(deadline))
-
-    def _drop(self, session: _Session, polite: bool = False, wait: bool = True) -> None:
-        """Forget a session; `polite` ends it with QUIT (and, with `wait`, reads the 221)."""
+    def _drop(self, session: _Session, polite: bool = False, wait: bool = True, until: float = 0) -> None:
+        """Forget a session; `polite` ends it with QUIT (and, with `wait`, reads the 221) by `until`."""
         with self._lock:
             self._sessions.discard(session)
         if getattr(self._local, "session", None) is session:
             self._local.session = None
         smtp = session.smtp
         if polite and smtp.sock is not None:
+            session.until(until)
             try:
-                smtp.sock.settimeout(2)
                 if wait:
                     smtp.quit()
                     return
@@ -248,10 +327,11 @@ class Transport:
         reused = session.sent > 0 if reused is None else reused
         if reused and self.metrics:
             self.metrics.connection("reused")
+        session.until(deadline)
         smtp = session.smtp
         committed = False
         try:
-            mail, rcpt, data_reply = self._envelope(smtp, sender, recipient, deadline)
+            mail, rcpt, data_reply = self._envelope(smtp, sender, recipient)
             if mail == 421 and reused:
                 raise smtplib.SMTPServerDisconnected("cached session closing")
             failure = (("the sender", mail, "send_failed") if mail != 250 else
@@ -264,7 +344,6 @@ class Transport:
                     raise _reply_error(*failure[:2], permanent_code=failure[2])
                 raise self._refused(session, *failure)
             committed = True  # from here on the server may accept the mail: no retry
-            self._step(smtp, deadline)
             smtp.send(_dot_stuff(data))
             code, _ = smtp.getreply()
             if code != 250:
@@ -273,10 +352,13 @@ class Transport:
             raise
         except Exception as e:
             self._drop(session)
-            if _timed_out(e, deadline):
-                raise TimeoutError from None
+            timed_out = _timed_out(e, deadline)
             if committed:
-                raise SendError("send_failed", "connection lost after the message was sent; delivery unknown") from None
+                raise DeliveryUnknown("timeout" if timed_out else "send_failed",
+                                      ("SMTP server did not answer before the deadline" if timed_out else
+                                       "connection lost") + " after the message was sent; delivery unknown") from None
+            if timed_out:
+                raise TimeoutError from None
             if reused and isinstance(e, (OSError, smtplib.SMTPServerDisconnected)):
                 raise _Stale() from None
             if isinstance(e, (OSError, smtplib.SMTPException)):
@@ -285,29 +367,23 @@ class Transport:
         session.sent += 1
         session.last_used = time.monotonic()
 
-    def _envelope(self, smtp, sender, recipient, deadline):
+    @staticmethod
+    def _envelope(smtp, sender, recipient):
         """Replies to MAIL, RCPT and DATA (None where not sent).
 
         When the server offers PIPELINING (RFC 2920) the three go out in one round trip and
         the replies are read in order; otherwise each waits for the one before.
         """
-        self._step(smtp, deadline)
         if smtp.has_extn("pipelining"):
             # Both addresses are validated plain addr-specs: no quoteaddr() parse needed.
             smtp.send(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n")
-            replies = []
-            for _ in range(3):
-                self._step(smtp, deadline)
-                replies.append(smtp.getreply()[0])
-            return tuple(replies)
+            return tuple(smtp.getreply()[0] for _ in range(3))
         mail = smtp.mail(sender)[0]
         if mail != 250:
             return mail, None, None
-        self._step(smtp, deadline)
         rcpt = smtp.rcpt(recipient)[0]
         if rcpt not in (250, 251):
             return mail, rcpt, None
-        self._step(smtp, deadline)
         smtp.putcmd("data")
         return mail, rcpt, smtp.getreply()[0]
 
@@ -319,9 +395,9 @@ class Transport:
         return _reply_error(stage, code, permanent_code=permanent_code)
 
     def _reset(self, session) -> None:
-        """After a refused transaction, RSET so the next one starts clean; drop if that fails."""
+        """After a refused transaction, RSET (within the send's deadline) so the next one starts
+        clean; drop the session if that fails."""
         try:
-            session.smtp.sock.settimeout(2)
             code, _ = session.smtp.rset()
             if code == 250:
                 session.last_used = time.monotonic()

@@ -214,6 +214,23 @@ def make_server(certs):
 
 
 @pytest.fixture
+def fault_server():
+    """Factory: fault_server(certs=..., auth=..., pipelining=..., rcvbuf=...) -> a running FaultServer."""
+    from fault_server import FaultServer
+
+    servers = []
+
+    def make(**kwargs):
+        server = FaultServer(**kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
 def make_app(tmp_path):
     """Factory: an app (and its test client) for an environment mapping."""
     apps = []
@@ -303,6 +320,15 @@ class Gunicorn:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def metrics(self) -> dict:
+        """GET /metrics as {"name": value} for samples without labels, {"name{a=x,b=y}": value} for others."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {s.name + ("{%s}" % ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) if s.labels else ""): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
     def worker_pids(self):
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
@@ -332,6 +358,19 @@ def gunicorn(tmp_path):
     yield start
     for g in procs:
         g.stop()
+
+
+def json_lines(text: str) -> list:
+    """The lines of a log that are JSON objects, parsed."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            lines.append(entry)
+    return lines
 
 
 def unique_key():

@@ -1,9 +1,12 @@
 """A scripted SMTP server on 127.0.0.1 for byte-exact misbehaviour aiosmtpd cannot be made to show.
 
 One thread per connection; PIPELINING on request. `fault(step, action)` makes the server misbehave at a step
-(greeting, ehlo, starttls, auth, mail, rcpt, data, dot) until `heal()`, or `times` times:
+(greeting, ehlo, starttls, handshake, tls-ehlo, auth, mail, rcpt, data, message, dot, rset, quit) until
+`heal()`, or `times` times. "handshake" is the TLS handshake after STARTTLS's 220, "tls-ehlo" the EHLO after
+it, "message" the reading of the data after DATA's 354. Actions:
   "close"  drop the connection without a reply
-  "stall"  stop answering (until the client gives up and closes)
+  "stall"  stop answering, or at "message" stop reading the data (until the client gives up and closes)
+  "dribble"  send the usual reply one byte every DRIBBLE_SECONDS
   "plain"  (starttls) say 220, then keep talking plain text instead of TLS
   "4xx ..." / "5xx ..."  that reply; after a 421 the server closes, as RFC 5321 says
 Otherwise it behaves like a small, correct server. `received` holds every message whose final
@@ -12,6 +15,7 @@ Otherwise it behaves like a small, correct server. `received` holds every messag
 
 import socket
 import threading
+import time
 
 DEFAULT_REPLY = {
     "greeting": "220 fault.example ESMTP ready",
@@ -21,21 +25,28 @@ DEFAULT_REPLY = {
     "dot": "250 2.0.0 queued",
     "auth": "235 2.7.0 Authentication successful",
     "starttls": "220 2.0.0 Ready to start TLS",
+    "rset": "250 2.0.0 OK",
+    "quit": "221 2.0.0 Bye",
 }
+DRIBBLE_SECONDS = 0.4
 
 
 class FaultServer:
-    def __init__(self, certs=None, auth=False, pipelining=False):
+    def __init__(self, certs=None, auth=False, pipelining=False, rcvbuf=None):
         self.certs, self.auth = certs, auth  # certs: offer STARTTLS with this trustme CA
         self.pipelining = pipelining  # offer PIPELINING: the client sends MAIL, RCPT and DATA at once
         self.received, self.accepted = [], []
         self.recipients = []  # RCPT addresses per accepted message
         self.sessions = 0
         self.commands = []  # every command verb received, in order
+        self.command_times = []  # time.monotonic() of each, when it arrived
         self._faults = {}
         self._conns = set()
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
+        if rcvbuf:  # a small receive window, so a client's writes block once the server stops reading
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -61,6 +72,7 @@ class FaultServer:
                 pass
 
     def stop(self):
+        self._stopped.set()
         self._listener.close()
         self.heal()
         self.kick()
@@ -120,15 +132,29 @@ class FaultServer:
         if action == "close":
             return None
         if action == "stall":
-            conn.settimeout(None)
-            while conn.recv(4096):  # until the client closes its end
-                pass
+            self._stall(conn)
             return None
-        reply = (default or DEFAULT_REPLY[step]) if action in (None, "plain") else action
-        conn.sendall(reply.encode() + b"\r\n")
+        reply = (default or DEFAULT_REPLY.get(step)) if action in (None, "plain", "dribble") else action
+        if action == "dribble":
+            for byte in reply.encode() + b"\r\n":  # until the client gives up (a write then fails)
+                conn.sendall(bytes([byte]))
+                time.sleep(DRIBBLE_SECONDS)
+        else:
+            conn.sendall(reply.encode() + b"\r\n")
         if reply.startswith("421"):
             return None
         return "ok" if action is None else ("plain" if action == "plain" else "refused")
+
+    def _stall_reading(self):
+        """Keep the connection open without reading from it (the client's close stays unseen
+        behind the unread data), until the server stops."""
+        self._stopped.wait()
+
+    @staticmethod
+    def _stall(conn):
+        conn.settimeout(None)
+        while conn.recv(4096):  # until the client closes its end
+            pass
 
     def _session(self, conn):
         rfile = conn.makefile("rb")
@@ -140,19 +166,23 @@ class FaultServer:
             if not line:
                 return
             verb = line.split(b" ", 1)[0].strip().upper()
+            self.command_times.append(time.monotonic())
             self.commands.append(verb.decode("ascii", "replace"))
             if verb in (b"EHLO", b"HELO"):
                 lines = (["fault.example"] + (["STARTTLS"] if self.certs and not tls else [])
                          + (["AUTH PLAIN LOGIN"] if self.auth else [])
                          + (["PIPELINING"] if self.pipelining else []) + ["8BITMIME"])
                 ehlo = "\r\n".join(f"250{' ' if i == len(lines) - 1 else '-'}{x}" for i, x in enumerate(lines))
-                outcome = self._answer(conn, "ehlo", ehlo)
+                outcome = self._answer(conn, "tls-ehlo" if tls else "ehlo", ehlo)
                 if outcome is None:
                     return
                 greeted = outcome == "ok"
             elif verb == b"STARTTLS":
                 outcome = self._answer(conn, "starttls")
                 if outcome is None:
+                    return
+                if outcome == "ok" and self._take("handshake") == "stall":
+                    self._stall(conn)
                     return
                 if outcome == "ok":
                     with self._lock:
@@ -188,6 +218,10 @@ class FaultServer:
                     return
                 if outcome != "ok":
                     continue
+                if self._take("message") == "stall":
+                    rfile.read(65536)  # some of the data, then no more
+                    self._stall_reading()
+                    return
                 data = []
                 while True:
                     chunk = rfile.readline(65536)
@@ -208,11 +242,12 @@ class FaultServer:
                 mail_from, rcpts = None, []
             elif verb == b"RSET":
                 mail_from, rcpts = None, []
-                conn.sendall(b"250 2.0.0 OK\r\n")
+                if self._answer(conn, "rset") is None:
+                    return
             elif verb == b"NOOP":
                 conn.sendall(b"250 2.0.0 OK\r\n")
             elif verb == b"QUIT":
-                conn.sendall(b"221 2.0.0 Bye\r\n")
+                self._answer(conn, "quit")
                 return
             else:
                 conn.sendall(b"502 5.5.2 command not recognised\r\n")

@@ -8,7 +8,6 @@ import time
 import pytest
 
 from conftest import send_json, unique_key
-from fault_server import FaultServer
 from herald_smtp.errors import STATUS
 
 DEADLINE = 1  # timeout_seconds for the stall rows; SMTP_TIMEOUT_SECONDS stays at 10
@@ -59,20 +58,6 @@ FAULTS = [
     row("dot", "554 5.6.0 content refused", "send_failed"),
     row("dot", "stall", "timeout"),
 ]
-
-
-@pytest.fixture
-def fault_server(certs):
-    servers = []
-
-    def make(**kwargs):
-        server = FaultServer(**kwargs)
-        servers.append(server)
-        return server
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 def _send(client, key, **extra):
