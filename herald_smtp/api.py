@@ -12,7 +12,7 @@ import uuid
 
 from flask import Blueprint, current_app, g, request
 
-from .errors import SendError
+from .errors import DeliveryUnknown, SendError
 from .idempotency import StoreUnavailable, fingerprint, run_once
 from .logs import mask
 from .message import SendRequest
@@ -52,7 +52,7 @@ def send():
         payload = _json_object()
         req, key, timeout = _send_request(payload, cfg.smtp_timeout_seconds)
         fields["idempotency_key"] = key or None
-        envelope = svc.builder.build(req)  # validates `to` and the headers first
+        envelope = svc.builder.build(req, key)  # validates `to` and the headers first
         fields["to"] = mask(envelope.recipient)
         if not cfg.smtp_configured:
             raise SendError("provider_down", "SMTP is not configured (SMTP_HOST and SMTP_FROM)")
@@ -78,9 +78,13 @@ def send():
             message_id, replayed = deliver(), False
     except SendError as err:
         fields.update(error_code=err.code, duration_ms=_ms(started))
-        log.log(logging.ERROR if err.status >= 500 else logging.INFO, "send failed", extra={"fields": fields})
+        if isinstance(err, DeliveryUnknown):
+            # The server may have the mail: a retry sends a second copy (same Message-ID).
+            log.warning("delivery unknown", extra={"fields": fields})
+        else:
+            log.log(logging.ERROR if err.status >= 500 else logging.INFO, "send failed", extra={"fields": fields})
         if svc.metrics:
-            svc.metrics.send(err.code, time.monotonic() - started)
+            svc.metrics.send(err.code, time.monotonic() - started, unknown=isinstance(err, DeliveryUnknown))
         raise
     fields.update(message_id=message_id, replayed=replayed, duration_ms=_ms(started))
     log.info("sent" if not replayed else "replayed", extra={"fields": fields})

@@ -6,6 +6,7 @@ app factory reads os.environ.
 """
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -66,9 +67,17 @@ class Config:
 
     @property
     def idempotency_lease_seconds(self) -> float:
-        # A reservation outlives the longest possible send by a margin, so a live
-        # owner never loses it, while a killed owner's key frees up soon after.
+        # A send is over by its deadline (enforced on every byte) plus the moment it takes to
+        # answer; the lease outlives that by a wide margin, so a live owner never loses its key,
+        # while a killed owner's key frees up soon after.
         return self.smtp_timeout_seconds + 5
+
+    @property
+    def sender_scope(self) -> str:
+        """Names the sending identity (SMTP host, port, user and SMTP_FROM): what one deployment
+        remembers under a key, another with another identity never sees."""
+        identity = "\0".join((self.smtp_host.lower(), str(self.smtp_port), self.smtp_user, self.smtp_from.lower()))
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def _secret(env: Mapping[str, str], name: str) -> str:

@@ -7,6 +7,8 @@ control characters first and refused, never stripped, so no input can add a head
 import dataclasses
 import email.policy
 import functools
+import hashlib
+import hmac
 import random
 import re
 import sys
@@ -100,8 +102,17 @@ class MessageBuilder:
         self.sender = f"{local}@{self.domain}" if local else ""
         self.from_header = Address(display_name=cfg.smtp_from_name, addr_spec=self.sender) if self.sender else None
         self._from_line = _fold("From", self.from_header)
+        # Every replica of one deployment derives the same Message-ID from a key; the password,
+        # when there is one, keeps anyone else from telling which key an id came from.
+        self._id_key = hashlib.sha256(f"message-id\0{cfg.sender_scope}\0{cfg.smtp_password}".encode()).digest()
 
-    def build(self, req: SendRequest) -> Envelope:
+    def message_id(self, key: str = "") -> str:
+        """`<id@sender's domain>`: a keyed hash of the idempotency key, so every copy sent for one
+        key carries the same id (never the key itself); random without a key."""
+        local = hmac.new(self._id_key, key.encode(), hashlib.sha256).hexdigest()[:32] if key else uuid.uuid4().hex
+        return f"<{local}@{self.domain}>"
+
+    def build(self, req: SendRequest, key: str = "") -> Envelope:
         """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write.
 
         Writing them directly takes tens of microseconds instead of about a millisecond;
@@ -118,8 +129,7 @@ class MessageBuilder:
             raise SendError("validation_failed", f"subject is longer than {MAX_SUBJECT_CHARS} characters")
         head = [self._from_line, _short("To", to), _fold_cached("Subject", subject),
                 _short("Date", format_datetime(datetime.now(timezone.utc))),
-                # Never raw request text: a fresh id at the sender's own domain.
-                _short("Message-ID", f"<{uuid.uuid4().hex}@{self.domain}>"),
+                _short("Message-ID", self.message_id(key)),
                 b"Auto-Submitted: auto-generated\r\n"]
         text_head, text = _text_part(effective_body(req), "plain")
         if req.html:

@@ -37,6 +37,9 @@ class Metrics:
                                    "carried by a session that was already open (reused).", ["kind"], registry=r)
         self.idempotency = Counter("herald_smtp_idempotency", "Idempotency-Key outcomes other than a "
                                    "first send: replayed or conflict.", ["result"], registry=r)
+        self.unknown = Counter("herald_smtp_delivery_unknown", "Sends whose data went out but whose final "
+                               "reply never came (connection lost, deadline passed): the server may have the "
+                               "mail, and a retry sends another copy with the same Message-ID.", registry=r)
         # livesum: the sum over the workers alive now (a dead worker's sends are not in flight).
         self.in_flight = Gauge("herald_smtp_sends_in_flight", "POST /v1/send requests being handled now.",
                                registry=r, multiprocess_mode="livesum")
@@ -49,8 +52,8 @@ class Metrics:
         for result in ("replayed", "conflict"):
             self.idempotency.labels(result)
 
-    def send(self, outcome: str, seconds: float) -> None:
-        """`outcome`: "sent", "replayed" or an error_code."""
+    def send(self, outcome: str, seconds: float, unknown: bool = False) -> None:
+        """`outcome`: "sent", "replayed" or an error_code; `unknown`: delivery is unknown."""
         if has_request_context():
             g.metrics_recorded = True
         if outcome in ("sent", "replayed"):
@@ -59,6 +62,8 @@ class Metrics:
             kind, code = "failed", outcome if outcome in STATUS else "send_failed"
         self.sends.labels(kind, code).inc()
         self.latency.labels(kind).observe(seconds)
+        if unknown:
+            self.unknown.inc()
         if outcome == "replayed":
             self.idempotency.labels("replayed").inc()
         elif outcome == "idempotency_conflict":

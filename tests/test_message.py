@@ -90,6 +90,24 @@ def test_message_id_is_unique_at_the_sender_domain_and_free_of_request_text(clie
             assert text not in mid
 
 
+def test_message_id_is_one_per_key_across_replicas_and_private_to_the_deployment(make_app, smtp_server):
+    """Every copy sent for one key (a retry after an unknown outcome, on any replica) carries the
+    same Message-ID, so mail systems can collapse duplicates; another sender's ids differ."""
+    def message_id(key, **env):
+        app = make_app(smtp_server.env(IDEMPOTENCY_STORE="memory://", WEB_CONCURRENCY="1", **env))
+        resp = send_json(app.test_client(), {"to": TO, "body": "Your code is 123456"}, key=key)
+        assert resp.status_code == 200, resp.get_json()
+        return smtp_server.parsed()["message-id"]
+
+    key = "challenge-marker-7731"
+    same = message_id(key), message_id(key)  # two replicas, each with its own store: both send
+    assert same[0] == same[1] and key not in same[0] and same[0].endswith("@example.com>")
+    others = {message_id("challenge-marker-7732"),
+              message_id(key, SMTP_FROM="noreply@other.example"),
+              message_id(key, SMTP_PASSWORD="another-deployments-password", SMTP_USE_STARTTLS="false")}
+    assert len(others) == 3 and same[0] not in others
+
+
 def test_date_mime_version_and_auto_submitted(client, smtp_server):
     msg, _ = deliver(client, smtp_server)
     assert email.utils.parsedate_to_datetime(msg["date"]).tzinfo is not None
