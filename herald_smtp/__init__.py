@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 from . import logs
 from .config import Config, ConfigError, load_config
 from .errors import SendError, envelope, from_http_status
-from .idempotency import open_store
+from .idempotency import Evictions, open_store
 from .message import MessageBuilder
 from .metrics import Metrics
 from .transport import Transport
@@ -54,11 +54,14 @@ def create_app(config=None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.http_body_limit_bytes
     metrics = Metrics()
+    store = open_store(config.idempotency_store, config.idempotency_max_entries, config.sender_scope,
+                       Evictions(metrics.evictions.inc))
+    metrics.watch_store(lambda: store.oldest_success_age(config.idempotency_ttl_seconds))
     app.extensions["herald_smtp"] = Service(
         config=config,
         builder=MessageBuilder(config),
         transport=Transport(config, metrics),
-        store=open_store(config.idempotency_store, config.idempotency_max_entries),
+        store=store,
         metrics=metrics,
     )
 

@@ -13,6 +13,7 @@ import time
 from flask import g, has_request_context, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily
 
 from .errors import STATUS
 
@@ -40,6 +41,10 @@ class Metrics:
         self.unknown = Counter("herald_smtp_delivery_unknown", "Sends whose data went out but whose final "
                                "reply never came (connection lost, deadline passed): the server may have the "
                                "mail, and a retry sends another copy with the same Message-ID.", registry=r)
+        self.evictions = Counter("herald_smtp_idempotency_evictions", "Settled idempotency records evicted "
+                                 "to make room for new keys (IDEMPOTENCY_MAX_ENTRIES reached): each one shortens "
+                                 "how long replays are remembered.", registry=r)
+        self._store_age = None  # () -> age of the oldest remembered success; see watch_store
         # livesum: the sum over the workers alive now (a dead worker's sends are not in flight).
         self.in_flight = Gauge("herald_smtp_sends_in_flight", "POST /v1/send requests being handled now.",
                                registry=r, multiprocess_mode="livesum")
@@ -96,11 +101,40 @@ class Metrics:
             if g.pop("metrics_in_flight", False):
                 self.in_flight.dec()
 
+    def watch_store(self, oldest_success_age) -> None:
+        """Report `oldest_success_age()` at every scrape: read from the shared store then, it is
+        right whichever worker answers."""
+        self._store_age = oldest_success_age
+
+    def collect(self):
+        """The store's gauge, computed now (a prometheus_client custom collector)."""
+        if self._store_age is None:
+            return
+        try:
+            age = self._store_age()
+        except Exception:
+            return  # the store is unreachable: no figure rather than a failed scrape
+        yield GaugeMetricFamily("herald_smtp_idempotency_oldest_success_age_seconds",
+                                "Age of the oldest success still remembered for replay (0: none). About "
+                                "IDEMPOTENCY_TTL_SECONDS, unless evictions shorten the replay window.", value=age)
+
     def render(self):
         """(body, content type) of the Prometheus text exposition."""
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:
-            registry = self.registry
+            registry = CollectorRegistry()
+            registry.register(_Of(self.registry))
+        registry.register(self)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Of:
+    """A registry's samples as one collector, so a render can add the store's gauge beside them."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def collect(self):
+        return self.registry.collect()

@@ -295,15 +295,7 @@ def test_concurrent_sends_beyond_the_limit_are_429(make_app, smtp_server):
     assert send_json(app.test_client(), OK).status_code == 200
 
 
-def test_idempotency_store_full_is_429_for_a_new_key(make_app, smtp_server):
-    client = make_app(smtp_server.env(IDEMPOTENCY_MAX_ENTRIES="1")).test_client()
-    known = unique_key()
-    assert send_json(client, OK, key=known).status_code == 200
-    assert_error(send_json(client, OK, key=unique_key()), 429, "rate_limited")
-    assert len(smtp_server.messages) == 1
-    # A known key still replays.
-    assert send_json(client, OK, key=known).get_json()["message_id"] == known
-    assert len(smtp_server.messages) == 1
+# A store full of sends in flight: test_idempotency.py, on every store.
 
 
 # -- 503 provider_down -------------------------------------------------------------------

@@ -2,8 +2,10 @@
 Redis (db 13, flushed) and memory. Through the Flask app and aiosmtpd where a user would see it;
 at the store's own interface where only it can set a case up (a dead owner's lease)."""
 
+import json
 import multiprocessing
 import os
+import re
 import sqlite3
 import subprocess
 import threading
@@ -53,8 +55,8 @@ def stores():
     """Factory: open_store(url, max_entries), closed after the test."""
     opened = []
 
-    def make(url, max_entries=100):
-        store = open_store(url, max_entries)
+    def make(url, max_entries=100, scope="", on_evict=None):
+        store = open_store(url, max_entries, scope, on_evict)
         opened.append(store)
         return store
 
@@ -161,16 +163,57 @@ def test_failed_send_is_not_remembered_and_a_retry_sends(service, smtp_server, r
     assert len(smtp_server.messages) == 1
 
 
-def test_a_new_key_beyond_max_entries_is_429_and_known_keys_still_work(service, smtp_server):
+def test_a_full_store_evicts_its_oldest_successes_and_keeps_sending(service, smtp_server):
+    client = service(IDEMPOTENCY_MAX_ENTRIES="10")
+    keys = [unique_key() for _ in range(40)]
+    assert [send_json(client, MAIL, key=k).status_code for k in keys] == [200] * 40
+    for k in keys[-5:]:  # the newest are remembered: replayed without a send
+        assert send_json(client, MAIL, key=k).get_json()["message_id"] == k
+    assert len(smtp_server.messages) == 40
+    assert send_json(client, MAIL, key=keys[0]).status_code == 200  # the oldest was evicted: sent again
+    assert len(smtp_server.messages) == 41
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert re.search(r"^herald_smtp_idempotency_evictions_total (\d+)", metrics, re.M).group(1) not in ("0", None)
+
+
+def test_a_store_full_of_sends_in_flight_answers_429_until_one_settles(service, smtp_server):
     client = service(IDEMPOTENCY_MAX_ENTRIES="2")
-    keys = [unique_key() for _ in range(3)]
-    assert [send_json(client, MAIL, key=k).status_code for k in keys[:2]] == [200, 200]
-    full = send_json(client, MAIL, key=keys[2])
-    assert full.status_code == 429 and full.get_json()["error_code"] == "rate_limited"
-    assert send_json(client, MAIL, key=keys[0]).get_json()["message_id"] == keys[0]  # replayed
-    assert send_json(client, MAIL, key=keys[1]).status_code == 200
-    assert send_json(client, MAIL).status_code == 200  # no key: the store is not involved
+    gate = held(smtp_server)
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(send_json, client.application.test_client(), MAIL, key=unique_key())
+                     for _ in range(2)]
+        wait_for(lambda: len(smtp_server.handler.data_peers) == 2)
+        full = send_json(client, MAIL, key=unique_key())
+        assert (full.status_code, full.get_json()["ok"], full.get_json()["error_code"]) == (429, False, "rate_limited")
+        gate.set()
+        assert [f.result().status_code for f in in_flight] == [200, 200]
+    assert send_json(client, MAIL, key=unique_key()).status_code == 200  # settled records make room
     assert len(smtp_server.messages) == 3
+
+
+def test_a_success_the_store_cannot_record_answers_200_and_its_key_waits_out_the_lease(make_app, smtp_server,
+                                                                                      tmp_path, logs, monkeypatch):
+    from herald_smtp.idempotency import SQLiteStore
+
+    monkeypatch.setattr(SQLiteStore, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "idem.sqlite3"
+    client = make_app(smtp_server.env(IDEMPOTENCY_STORE=f"sqlite:///{path}")).test_client()
+    gate = held(smtp_server)
+    key = unique_key()
+    with ThreadPoolExecutor(1) as pool:
+        owner = pool.submit(send_json, client.application.test_client(), MAIL, key=key)
+        wait_for(lambda: smtp_server.handler.data_peers)
+        other = sqlite3.connect(path, isolation_level=None)  # another process writing, for too long
+        other.execute("BEGIN EXCLUSIVE")
+        gate.set()
+        assert owner.result().status_code == 200  # the mail went out: that is the answer
+        other.execute("COMMIT")
+        other.close()
+    [error] = [json.loads(line) for line in logs.getvalue().splitlines() if "not saved" in line]
+    assert (error["level"], error["idempotency_key"]) == ("error", key)
+    retry = send_json(client, {**MAIL, "timeout_seconds": 1}, key=key)
+    assert retry.get_json()["error_code"] == "timeout"  # the reservation stands until its lease ends
+    assert len(smtp_server.messages) == 1
 
 
 def test_two_replicas_sharing_a_store_send_once(make_app, smtp_server, shared_url):
@@ -297,16 +340,51 @@ def test_a_dead_owners_lease_expires_and_cannot_settle_later(stores, store_url):
     assert (rec.state, rec.token) == (PENDING, token)
 
 
+def test_a_full_store_evicts_settled_records_oldest_first_never_a_reservation(stores, store_url):
+    evicted = []
+    store = stores(store_url, max_entries=4, on_evict=evicted.append)
+    tokens = {k: store.begin(k, "fp", lease=30)[2] for k in "abcd"}
+    for k in "abc":
+        store.complete(k, tokens[k], k, ttl=30)
+        time.sleep(0.002)  # Redis orders them by the millisecond
+    assert store.begin("e", "fp", lease=30)[0] == NEW  # full: the oldest success makes room
+    assert store.get("a") is None
+    assert [store.begin(k, "fp", lease=30)[0] for k in "bcde"] == [REPLAY, REPLAY, WAIT, WAIT]
+    assert [store.begin(k, "fp", lease=30)[0] for k in "fg"] == [NEW, NEW]  # b and c go
+    assert store.begin("h", "fp", lease=30)[0] == FULL  # d, e, f, g in flight fill it: nothing to evict
+    assert [store.begin(k, "fp", lease=30)[0] for k in "defg"] == [WAIT] * 4
+    assert sum(evicted) == 3
+    store.fail("d", tokens["d"], "provider_down", "down")
+    assert store.begin("h", "fp", lease=30)[0] == NEW  # a settled record again: room
+
+
 def test_expired_entries_free_capacity(stores, store_url):
     store = stores(store_url, max_entries=2)
     for key in ("a", "b"):
-        _, _, token = store.begin(key, "fp", lease=30)
-        store.complete(key, token, key, ttl=SHORT)
+        _, _, token = store.begin(key, "fp", lease=SHORT)  # their owners die
     assert store.begin("c", "fp", lease=30)[0] == FULL
-    assert store.begin("a", "fp", lease=30)[0] == REPLAY  # known keys keep working when full
     time.sleep(SHORT + 0.1)
     assert store.begin("c", "fp", lease=30)[0] == NEW
-    assert store.begin("a", "fp", lease=30)[0] == NEW  # its success was forgotten after the TTL
+    assert store.begin("a", "fp", lease=30)[0] == NEW
+
+
+def test_the_age_of_the_oldest_remembered_success(stores, store_url):
+    store = stores(store_url)
+    assert store.oldest_success_age(ttl=300) == 0.0
+    for k in ("first", "second"):
+        _, _, token = store.begin(k, "fp", lease=30)
+        store.complete(k, token, k, ttl=300)
+        time.sleep(0.3)
+    assert 0.5 <= store.oldest_success_age(ttl=300) < 2
+
+
+def test_stores_of_two_sending_identities_never_see_each_others_keys(stores, shared_url):
+    brand_a, brand_b = stores(shared_url, scope="brand_a"), stores(shared_url, scope="brand_b")
+    _, _, token = brand_a.begin("k", "fp", lease=30)
+    brand_a.complete("k", token, "k", ttl=30)
+    assert brand_b.begin("k", "fp", lease=30)[0] == NEW
+    assert brand_a.begin("k", "fp", lease=30)[0] == REPLAY
+    assert stores(shared_url, scope="brand_a").begin("k", "fp", lease=30)[0] == REPLAY  # a restart keeps them
 
 
 def test_sqlite_purges_expired_rows_without_a_separate_job(stores, tmp_path):
@@ -318,21 +396,23 @@ def test_sqlite_purges_expired_rows_without_a_separate_job(stores, tmp_path):
     time.sleep(1.1)  # expired, and the purge (at most once a second) is due
     store.begin("new", "fp", lease=30)
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT key FROM idempotency_keys").fetchall() == [("new",)]
+        assert db.execute(f"SELECT key FROM {store.table}").fetchall() == [("new",)]
 
 
-def test_sqlite_capacity_counts_live_rows_not_the_rowid_span(stores, tmp_path):
-    store = stores(f"sqlite:///{tmp_path}/idem.sqlite3", max_entries=3)
-    store.PURGE_EVERY = 3600  # only the capacity check sees what has expired
-    tokens = {k: store.begin(k, "fp", lease=30)[2] for k in ("a", "b", "c")}
-    store.fail("b", tokens["b"], "provider_down", "down")  # rowids 1..3 span 3 rows
-    store.complete("a", tokens["a"], "a", ttl=SHORT)
-    assert store.begin("d", "fp", lease=30)[0] == FULL  # a, b (failed, kept briefly), c: full
-    time.sleep(SHORT + 0.1)  # a's success is forgotten, though its row is still there
-    assert store.begin("d", "fp", lease=30)[0] == NEW
-    assert store.begin("e", "fp", lease=30)[0] == FULL  # b (failed), c, d
-    with sqlite3.connect(tmp_path / "idem.sqlite3") as db:  # a refused key leaves no row behind
-        assert "e" not in {k for (k,) in db.execute("SELECT key FROM idempotency_keys")}
+def test_sqlite_capacity_counts_rows_and_evicts_in_batches(stores, tmp_path):
+    path = tmp_path / "idem.sqlite3"
+    evicted = []
+    store = stores(f"sqlite:///{path}", max_entries=100, on_evict=evicted.append)
+    other = stores(f"sqlite:///{path}", max_entries=100)  # another worker of the same host
+    for i in range(250):
+        s = (store, other)[i % 2]
+        _, _, token = s.begin(f"k{i}", "fp", lease=30)
+        s.complete(f"k{i}", token, "m", ttl=30)
+    with sqlite3.connect(path) as db:
+        keys = [k for (k,) in db.execute(f"SELECT key FROM {store.table} ORDER BY rowid")]
+    db.close()
+    assert 90 <= len(keys) <= 100 and keys == [f"k{i}" for i in range(250 - len(keys), 250)]
+    assert len(evicted) < 20  # a tenth of the capacity at a time, not one key at a time
 
 
 def test_sqlite_capacity_holds_when_rowids_come_round_again(stores, tmp_path):
@@ -341,17 +421,51 @@ def test_sqlite_capacity_holds_when_rowids_come_round_again(stores, tmp_path):
     other = sqlite3.connect(path, isolation_level=None)  # another worker of the same host
     for k in ("a", "b", "c"):
         store.begin(k, "fp", lease=30)  # rowids 1, 2, 3
-    other.execute("DELETE FROM idempotency_keys WHERE key IN ('a', 'b')")
-    time.sleep(1.1)  # this store's next purge sees 3 as the oldest rowid
-    assert store.begin("d", "fp", lease=30)[0] == NEW  # rowid 4
+    assert store.begin("d", "fp", lease=30)[0] == FULL  # counted: three in flight
     # The other worker's rows replace every one of them, numbered from 1 again...
-    other.execute("DELETE FROM idempotency_keys")
+    other.execute(f"DELETE FROM {store.table}")
     for k in ("x", "y", "z"):
-        other.execute("INSERT INTO idempotency_keys (key, fingerprint, state, token, expires_at)"
-                      " VALUES (?, 'fp', 'pending', 't', ?)", (k, time.time() + 30))
-    # ...so rowid 4 again, 2 above the oldest this store saw, yet the store is full.
+        other.execute(f"INSERT INTO {store.table} (key, fingerprint, state, token, expires_at)"
+                      " VALUES (?, 'fp', 'pending', 't', ?)", (k, time.monotonic() + 30))
+    # ...so rowid 4 again, one above the count this store made, yet the store is full.
     assert store.begin("e", "fp", lease=30)[0] == FULL
     other.close()
+
+
+def test_sqlite_leases_and_records_ignore_a_wall_clock_step(stores, tmp_path, monkeypatch):
+    store = stores(f"sqlite:///{tmp_path}/idem.sqlite3")
+    _, _, token = store.begin("sent", "fp", lease=30)
+    store.complete("sent", token, "sent", ttl=30)
+    store.begin("in-flight", "fp", lease=30)
+    stepped = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: stepped)  # NTP steps the clock an hour forward
+    assert store.begin("in-flight", "fp", lease=30)[0] == WAIT  # its owner still has it
+    assert store.begin("sent", "fp", lease=30)[0] == REPLAY
+
+
+def _seconds_left(path, table, key):
+    with sqlite3.connect(path) as db:
+        (expires,) = db.execute(f"SELECT expires_at FROM {table} WHERE key = ?", (key,)).fetchone()
+    db.close()
+    return expires - time.monotonic()
+
+
+def test_sqlite_store_after_a_reboot_forgets_reservations_and_keeps_successes(stores, tmp_path):
+    path = tmp_path / "idem.sqlite3"
+    store = stores(f"sqlite:///{path}")
+    _, _, token = store.begin("sent", "fp", lease=30)
+    store.complete("sent", token, "sent", ttl=600)
+    store.begin("in-flight", "fp", lease=600)
+    store.close()
+    with sqlite3.connect(path) as db:  # as if written before a reboot, when the uptime was 1000 s longer
+        db.execute(f"UPDATE {store.table} SET expires_at = expires_at + 1000")
+        db.execute("UPDATE herald_smtp_clock SET boot = 'an-earlier-boot', wall_offset = wall_offset - 1000")
+    db.close()
+    store = stores(f"sqlite:///{path}")
+    assert store.begin("in-flight", "fp", lease=30)[0] == NEW  # its owner did not survive the reboot
+    outcome, rec, _ = store.begin("sent", "fp", lease=30)
+    assert (outcome, rec.message_id) == (REPLAY, "sent")
+    assert 590 < _seconds_left(path, store.table, "sent") <= 600  # what it had left before the reboot
 
 
 def test_sqlite_waits_out_another_writer_then_gives_up_as_unavailable(stores, tmp_path):
@@ -373,24 +487,32 @@ def test_sqlite_waits_out_another_writer_then_gives_up_as_unavailable(stores, tm
     other.close()
 
 
-def test_sqlite_store_takes_over_the_earlier_layout_with_its_live_keys(stores, tmp_path):
+@pytest.mark.parametrize("layout", [
+    "CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL, token TEXT"
+    " NOT NULL, message_id TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '', error_message TEXT"
+    " NOT NULL DEFAULT '', expires_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE idempotency_keys (key TEXT NOT NULL UNIQUE, fingerprint TEXT NOT NULL, state TEXT NOT NULL,"
+    " token TEXT NOT NULL, message_id TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',"
+    " error_message TEXT NOT NULL DEFAULT '', expires_at REAL NOT NULL)",
+], ids=["first", "second"])
+def test_sqlite_store_takes_over_an_earlier_layout_with_its_live_keys(stores, tmp_path, layout):
     path = tmp_path / "idem.sqlite3"
-    with sqlite3.connect(path) as db:  # as the first release created it
-        db.execute("CREATE TABLE idempotency (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
-                   " state TEXT NOT NULL, token TEXT NOT NULL, message_id TEXT NOT NULL DEFAULT '',"
-                   " error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',"
-                   " expires_at REAL NOT NULL) WITHOUT ROWID")
+    table = layout.split()[2]
+    with sqlite3.connect(path) as db:  # as an earlier release left it, times on the wall clock
+        db.execute(layout)
         db.execute("CREATE TABLE idempotency_size (n INTEGER NOT NULL)")
-        db.execute("INSERT INTO idempotency VALUES ('sent', 'fp', 'done', 't1', 'sent', '', '', ?),"
+        db.execute(f"INSERT INTO {table} VALUES ('sent', 'fp', 'done', 't1', 'sent', '', '', ?),"
                    " ('gone', 'fp', 'done', 't2', 'gone', '', '', ?)", (time.time() + 60, time.time() - 1))
     db.close()
-    store = stores(f"sqlite:///{path}")
+    store = stores(f"sqlite:///{path}", scope="brand")
     outcome, rec, _ = store.begin("sent", "fp", lease=30)
     assert (outcome, rec.message_id) == (REPLAY, "sent")
+    assert 50 < _seconds_left(path, store.table, "sent") <= 60
     assert store.begin("gone", "fp", lease=30)[0] == NEW
     with sqlite3.connect(path) as db:
-        assert {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"idempotency_keys"}
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
+    assert tables == {"idempotency_brand", "herald_smtp_clock"}
 
 
 def test_redis_forgets_expired_entries(stores, redis_url):
@@ -401,8 +523,8 @@ def test_redis_forgets_expired_entries(stores, redis_url):
     time.sleep(0.2)
     store.begin("new", "fp", lease=30)
     client = redis.Redis.from_url(redis_url)
-    assert client.zcard(store.index) == 1
-    wait_for(lambda: client.dbsize() == 2)  # the new key's record and the index, once Redis expires the rest
+    assert (client.zcard(store.pending), client.zcard(store.done)) == (1, 0)
+    wait_for(lambda: client.dbsize() == 2)  # the new key's record and its index, once Redis expires the rest
     client.close()
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import unique_key, wait_for
+from conftest import json_lines, unique_key, wait_for
 
 MAIL = {"to": "dora@example.com", "subject": "Your code", "body": "Your code is 424242"}
 
@@ -132,15 +132,62 @@ def test_failure_then_retry_on_another_worker_sends_again(gunicorn, smtp_server)
     assert len(smtp_server.messages) == 1
 
 
-def test_capacity_limit_across_workers(gunicorn, smtp_server):
-    g = gunicorn(smtp_server.env(IDEMPOTENCY_MAX_ENTRIES="3"), workers=4, threads=2)
-    keys = [unique_key() for _ in range(4)]
-    assert [g.post(MAIL, k)[0] for k in keys[:3]] == [200] * 3
-    status, body = g.post(MAIL, keys[3])
-    assert (status, body["error_code"]) == (429, "rate_limited")
-    for k in keys[:3] * 2:  # known keys replay on every worker
-        assert g.post(MAIL, k) == (200, {"ok": True, "message_id": k, "provider": "smtp"})
-    assert len(smtp_server.messages) == 3
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_burst_of_new_keys_past_the_limit_is_all_sent_and_the_newest_replay(gunicorn, smtp_server, tmp_path,
+                                                                              store, request):
+    url = request.getfixturevalue("redis_url") if store == "redis" else f"sqlite:///{tmp_path}/burst.sqlite3"
+    env = smtp_server.env(IDEMPOTENCY_STORE=url, IDEMPOTENCY_MAX_ENTRIES="100")
+    g = gunicorn(env, workers=2, threads=4)
+    keys = [unique_key() for _ in range(400)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda k: g.post({**MAIL, "body": k}, k), keys))
+    assert [s for s, _ in answers] == [200] * 400
+    assert len(smtp_server.messages) == 400
+    newest = keys[-50:]
+    assert [g.post({**MAIL, "body": k}, k)[1]["message_id"] for k in newest] == newest
+    assert len(smtp_server.messages) == 400  # replayed, not sent
+    metrics = g.metrics()
+    assert 200 <= metrics["herald_smtp_idempotency_evictions_total"] <= 310
+    assert 0 < metrics["herald_smtp_idempotency_oldest_success_age_seconds"] < 60
+    warnings = [line for line in json_lines(g.stop()) if line.get("event", "").startswith("idempotency store full")]
+    assert 1 <= len(warnings) <= 2  # at most one a minute in each worker
+
+    # State left by that run: a new start on the full store remembers the newest keys, and sends.
+    g = gunicorn(env, workers=2, threads=4)
+    assert g.post({**MAIL, "body": keys[-1]}, keys[-1])[1]["message_id"] == keys[-1]
+    assert g.post(MAIL, unique_key())[0] == 200
+    assert len(smtp_server.messages) == 401
+
+
+def test_a_store_full_of_sends_in_flight_answers_429_on_every_worker(gunicorn, held_server):
+    g = gunicorn(held_server.env(IDEMPOTENCY_MAX_ENTRIES="3"), workers=2, threads=4)
+    booted(g, 2)
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(g.post, MAIL, unique_key()) for _ in range(3)]
+        try:
+            wait_for(lambda: len(held_server.handler.data_peers) == 3)
+            assert len({pid for pid in owners(g.port)}) > 1  # the sends in flight are on both workers
+            for _ in range(4):  # whichever worker answers
+                status, body = g.post(MAIL, unique_key())
+                assert (status, body["error_code"]) == (429, "rate_limited")
+        finally:
+            held_server.handler.data_gate.set()
+        assert [f.result()[0] for f in futures] == [200] * 3
+    assert g.post(MAIL, unique_key())[0] == 200  # settled records make room
+    assert len(held_server.messages) == 4
+
+
+def test_two_senders_on_one_host_keep_their_keys_apart(gunicorn, smtp_server, tmp_path):
+    """Two deployments run by one user on one host, each with its own SMTP_FROM, on the default store."""
+    shared = {"IDEMPOTENCY_STORE": "", "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    brand_a = gunicorn(smtp_server.env(SMTP_FROM="codes@brand-a.example", **shared), workers=1, threads=2)
+    brand_b = gunicorn(smtp_server.env(SMTP_FROM="codes@brand-b.example", **shared), workers=1, threads=2)
+    key = unique_key()
+    assert brand_a.post(MAIL, key)[0] == 200
+    assert brand_b.post(MAIL, key)[0] == 200  # not brand A's replay: its own mail
+    assert brand_a.post(MAIL, key)[0] == 200  # and brand A still replays its own
+    assert [m.mail_from for m in smtp_server.messages] == ["codes@brand-a.example", "codes@brand-b.example"]
+    assert "herald-smtp-idempotency.sqlite3" in os.listdir(tmp_path / "run")  # one file, shared
 
 
 def test_memory_store_with_several_workers_refuses_to_start(gunicorn, smtp_server):
