@@ -94,7 +94,7 @@ def _check_store(cfg: Config) -> None:
             raise SendError("provider_down", "IDEMPOTENCY_STORE: this user cannot write the SQLite file "
                                              "or its directory; sends would answer 503")
     elif not url.startswith("memory://"):
-        store = open_store(url, cfg.idempotency_max_entries)
+        store = open_store(url, cfg.idempotency_max_entries, cfg.sender_scope)
         try:
             store.get("herald-smtp-check")
         except StoreUnavailable:

@@ -19,7 +19,7 @@ def test_defaults_are_the_contracts():
     assert cfg.smtp_timeout_seconds == 30
     assert cfg.smtp_max_concurrent_sends == 16
     assert cfg.log_level == "INFO"
-    assert (cfg.idempotency_ttl_seconds, cfg.idempotency_max_entries) == (300, 10000)
+    assert (cfg.idempotency_ttl_seconds, cfg.idempotency_max_entries) == (300, 1_200_000)
     assert cfg.http_body_limit_bytes == 65536
     assert cfg.web_concurrency == 2
     assert not cfg.smtp_configured
