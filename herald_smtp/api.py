@@ -59,7 +59,7 @@ def send():
         deadline = started + timeout
 
         def deliver():
-            svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline)
+            fields["relay"] = svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline).relay
             return key or str(uuid.uuid4())
 
         if key:
@@ -78,6 +78,8 @@ def send():
             message_id, replayed = deliver(), False
     except SendError as err:
         fields.update(error_code=err.code, duration_ms=_ms(started))
+        if err.relay:
+            fields["relay"] = err.relay
         if isinstance(err, DeliveryUnknown):
             # The server may have the mail: a retry sends a second copy (same Message-ID).
             log.warning("delivery unknown", extra={"fields": fields})

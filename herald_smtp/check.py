@@ -39,13 +39,30 @@ def run(send_to: str = "", out=print) -> int:
     try:
         _check_store(cfg)
         out("ok: idempotency store usable")
-        builder, transport = MessageBuilder(cfg), Transport(cfg)
-        transport.probe(builder.sender, time.monotonic() + cfg.smtp_timeout_seconds)
-        out(f"ok: SMTP on port {cfg.smtp_port} ({_mode(cfg)}) accepted the sender; RSET, nothing sent")
-        if send_to:
-            out(f"ok: test message sent to {mask(_send_test(cfg, builder, transport, send_to))}")
     except SendError as err:
         out(f"check failed: {err.message}")
+        return EXIT_FAILED
+    builder, transport = MessageBuilder(cfg), Transport(cfg)
+    failed, errors = [], []
+    for relay in cfg.relays:  # one line each
+        try:
+            transport.probe(relay, builder.sender, time.monotonic() + cfg.smtp_timeout_seconds)
+            out(f"ok: {relay.name}: SMTP on port {relay.port} ({_mode(relay)}) accepted the sender; RSET, nothing sent")
+        except SendError as err:
+            out(f"problem: {relay.name}: {err.message}")
+            failed.append(relay.name)
+            errors.append(err)
+    if len(failed) == len(cfg.relays):
+        out(f"check failed: {errors[0].message}" if len(failed) == 1 else "check failed: every relay would fail")
+        return EXIT_FAILED
+    if send_to:
+        try:
+            out(f"ok: test message sent to {mask(_send_test(cfg, builder, transport, send_to))}")
+        except SendError as err:
+            out(f"check failed: {err.message}")
+            return EXIT_FAILED
+    if failed:
+        out(f"check failed: {', '.join(failed)} would fail; sends would go through the other relays")
         return EXIT_FAILED
     out("check passed: a send would work")
     return EXIT_OK
@@ -77,9 +94,9 @@ def _warnings(cfg: Config):
         yield "TLS is off: mail and codes cross the network in clear"
 
 
-def _mode(cfg: Config) -> str:
-    tls = "implicit TLS" if cfg.smtp_use_tls else "STARTTLS" if cfg.smtp_use_starttls else "no TLS"
-    return tls + (", AUTH" if cfg.smtp_user else "")
+def _mode(relay) -> str:
+    tls = "implicit TLS" if relay.use_tls else "STARTTLS" if relay.use_starttls else "no TLS"
+    return tls + (", AUTH" if relay.user else "")
 
 
 def _check_store(cfg: Config) -> None:

@@ -28,6 +28,22 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Relay:
+    """One SMTP server to send through: the primary (SMTP_*) or a fallback (SMTP_FALLBACK_<n>_*)."""
+    name: str  # what logs, metrics and `check` call it: "primary", "fallback-1", ...
+    prefix: str  # its variables' common prefix, for configuration errors: "SMTP_", "SMTP_FALLBACK_1_"
+    host: str
+    port: int = 587
+    user: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    use_tls: bool = False
+    use_starttls: bool = True
+    skip_tls_verify: bool = False
+    ca_file: str = ""
+    helo_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     bind: str = "0.0.0.0:8084"
     api_keys: tuple = ()
@@ -46,6 +62,9 @@ class Config:
     smtp_max_idle_seconds: float = 30.0
     smtp_max_messages_per_connection: int = 100
     smtp_helo_name: str = ""
+    smtp_fallbacks: tuple = ()  # Relays tried when the primary cannot take a mail
+    smtp_relay_cooldown_seconds: float = 30.0
+    smtp_chunking: bool = True
     log_level: str = "INFO"
     idempotency_store: str = ""
     idempotency_ttl_seconds: int = 300
@@ -64,6 +83,14 @@ class Config:
     @property
     def smtp_configured(self) -> bool:
         return bool(self.smtp_host and self.smtp_from)
+
+    @property
+    def relays(self) -> tuple:
+        """The primary, then the fallbacks, in the order they are tried."""
+        primary = Relay("primary", "SMTP_", self.smtp_host, self.smtp_port, self.smtp_user, self.smtp_password,
+                        self.smtp_use_tls, self.smtp_use_starttls, self.smtp_skip_tls_verify, self.smtp_ca_file,
+                        self.smtp_helo_name)
+        return (primary, *self.smtp_fallbacks)
 
     @property
     def idempotency_lease_seconds(self) -> float:
@@ -115,6 +142,34 @@ def _number(env, name, default, kind=int, minimum=1):
     if value < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {raw!r}")
     return value
+
+
+_RELAY_SETTINGS = ("HOST", "PORT", "USER", "PASSWORD", "PASSWORD_FILE", "USE_TLS", "USE_STARTTLS",
+                   "SKIP_TLS_VERIFY", "CA_FILE", "HELO_NAME")
+
+
+def _fallbacks(env: Mapping[str, str], helo_name: str) -> tuple:
+    """SMTP_FALLBACK_1_HOST, SMTP_FALLBACK_2_HOST, ...: each with the primary's settings under its
+    prefix and the same defaults. A setting for a fallback that is not there is an error, not ignored."""
+    relays = []
+    while env.get(f"SMTP_FALLBACK_{len(relays) + 1}_HOST", "").strip():
+        n = len(relays) + 1
+        p = f"SMTP_FALLBACK_{n}_"
+        relays.append(Relay(
+            f"fallback-{n}", p, env[p + "HOST"].strip(), _number(env, p + "PORT", 587), env.get(p + "USER", ""),
+            _secret(env, p + "PASSWORD"), _bool(env, p + "USE_TLS", False), _bool(env, p + "USE_STARTTLS", True),
+            _bool(env, p + "SKIP_TLS_VERIFY", False), env.get(p + "CA_FILE", "").strip(),
+            env.get(p + "HELO_NAME", "").strip() or helo_name))
+    for name in sorted(env):
+        match = re.fullmatch(r"SMTP_FALLBACK_(\d+)_(.*)", name)
+        if not match or not env[name].strip():
+            continue
+        if match.group(2) not in _RELAY_SETTINGS:
+            raise ConfigError(f"{name}: not a setting; a fallback takes {', '.join(_RELAY_SETTINGS)}")
+        if int(match.group(1)) > len(relays):
+            raise ConfigError(f"{name}: set, but SMTP_FALLBACK_{match.group(1)}_HOST is empty "
+                              "(fallbacks are numbered from 1, without gaps)")
+    return tuple(relays)
 
 
 def _bind(raw: str) -> str:
@@ -170,6 +225,9 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         smtp_max_idle_seconds=_number(env, "SMTP_MAX_IDLE_SECONDS", 30.0, float, 0),
         smtp_max_messages_per_connection=_number(env, "SMTP_MAX_MESSAGES_PER_CONNECTION", 100),
         smtp_helo_name=env.get("SMTP_HELO_NAME", "").strip(),
+        smtp_fallbacks=_fallbacks(env, env.get("SMTP_HELO_NAME", "").strip()),
+        smtp_relay_cooldown_seconds=_number(env, "SMTP_RELAY_COOLDOWN_SECONDS", 30.0, float, 0),
+        smtp_chunking=_bool(env, "SMTP_CHUNKING", True),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").upper(),
         idempotency_store=env.get("IDEMPOTENCY_STORE", "").strip() or default_idempotency_store(env),
         idempotency_ttl_seconds=_number(env, "IDEMPOTENCY_TTL_SECONDS", 300),
@@ -186,22 +244,31 @@ def load_config(env: Mapping[str, str] = None) -> Config:
     return cfg
 
 
+def _check_relay(relay: Relay) -> None:
+    p = relay.prefix
+    if relay.use_tls and relay.use_starttls:
+        raise ConfigError(f"{p}USE_TLS and {p}USE_STARTTLS are both true: choose implicit TLS or STARTTLS")
+    for name in ("HOST", "USER", "HELO_NAME"):
+        if has_control_chars(getattr(relay, name.lower())):
+            raise ConfigError(f"{p}{name}: contains a control character")
+    if relay.ca_file and not os.path.isfile(relay.ca_file):
+        raise ConfigError(f"{p}CA_FILE: no such file")
+    encrypted = relay.use_tls or relay.use_starttls
+    if relay.user and not encrypted and relay.host and not is_loopback(relay.host):
+        raise ConfigError(f"{p}USER is set but TLS is off: credentials are only sent over "
+                          "STARTTLS or implicit TLS to a non-loopback host")
+
+
 def _check(cfg: Config) -> None:
     if cfg.log_level not in {"DEBUG", "INFO", "WARN", "WARNING", "ERROR"}:
         raise ConfigError(f"LOG_LEVEL: expected debug, info, warn or error, got {cfg.log_level.lower()!r}")
-    if cfg.smtp_use_tls and cfg.smtp_use_starttls:
-        raise ConfigError("SMTP_USE_TLS and SMTP_USE_STARTTLS are both true: choose implicit TLS or STARTTLS")
-    for name in ("SMTP_HOST", "SMTP_FROM", "SMTP_FROM_NAME", "SMTP_USER", "SMTP_HELO_NAME"):
+    for name in ("SMTP_FROM", "SMTP_FROM_NAME"):
         if has_control_chars(getattr(cfg, name.lower())):
             raise ConfigError(f"{name}: contains a control character")
     if cfg.smtp_from and not re.fullmatch(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+", cfg.smtp_from):
         raise ConfigError("SMTP_FROM: expected a plain address like noreply@example.com")
-    if cfg.smtp_ca_file and not os.path.isfile(cfg.smtp_ca_file):
-        raise ConfigError("SMTP_CA_FILE: no such file")
-    encrypted = cfg.smtp_use_tls or cfg.smtp_use_starttls
-    if cfg.smtp_user and not encrypted and cfg.smtp_host and not is_loopback(cfg.smtp_host):
-        raise ConfigError("SMTP_USER is set but TLS is off: credentials are only sent over "
-                          "STARTTLS or implicit TLS to a non-loopback host")
+    for relay in cfg.relays:
+        _check_relay(relay)
     if cfg.metrics_require_api_key and not cfg.api_keys:
         raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
     store = cfg.idempotency_store

@@ -20,7 +20,10 @@ STATUS = {
 
 
 class SendError(Exception):
-    """A failure Herald sees as `error_code`; `status` overrides the code's usual status (413, 415)."""
+    """A failure Herald sees as `error_code`; `status` overrides the code's usual status (413, 415).
+    `relay` names the SMTP relay whose failure it is, when there is one (for the log)."""
+
+    relay = ""
 
     def __init__(self, code: str, message: str, status: int = None):
         super().__init__(message)

@@ -44,6 +44,15 @@ class Metrics:
         self.evictions = Counter("herald_smtp_idempotency_evictions", "Settled idempotency records evicted "
                                  "to make room for new keys (IDEMPOTENCY_MAX_ENTRIES reached): each one shortens "
                                  "how long replays are remembered.", registry=r)
+        self.relay_sends = Counter("herald_smtp_relay_sends", "Mails each SMTP relay accepted, by its position "
+                                   "(primary, fallback-1, ...).", ["relay"], registry=r)
+        self.relay_failures = Counter("herald_smtp_relay_failures", "Times a relay could not take a mail, by "
+                                      "reason (unreachable, tls, no_starttls, auth, deferred, refused, timeout, lost, "
+                                      "unknown: after the message went out).", ["relay", "reason"], registry=r)
+        # livemax: a relay is in cool-down while any live worker skips it.
+        self.relay_cooldown = Gauge("herald_smtp_relay_cooldown_until", "Unix time a relay's cool-down ends (it "
+                                    "is skipped while another relay is available); 0 after a success. In cool-down "
+                                    "while greater than time().", ["relay"], registry=r, multiprocess_mode="livemax")
         self._store_age = None  # () -> age of the oldest remembered success; see watch_store
         # livesum: the sum over the workers alive now (a dead worker's sends are not in flight).
         self.in_flight = Gauge("herald_smtp_sends_in_flight", "POST /v1/send requests being handled now.",
@@ -73,6 +82,16 @@ class Metrics:
             self.idempotency.labels("replayed").inc()
         elif outcome == "idempotency_conflict":
             self.idempotency.labels("conflict").inc()
+
+    def relay(self, name: str, sent: bool = False, failure: str = "", cooldown_until: float = None) -> None:
+        """A relay took a mail (`sent`), or could not (`failure`: the reason); its cool-down's end."""
+        sends = self.relay_sends.labels(name)  # the series exists from the first call
+        if sent:
+            sends.inc()
+        if failure:
+            self.relay_failures.labels(name, failure).inc()
+        if cooldown_until is not None:
+            self.relay_cooldown.labels(name).set(cooldown_until)
 
     def connection(self, kind: str) -> None:
         """`kind`: "opened" or "reused"."""

@@ -14,10 +14,14 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    cfg = current_app.extensions["herald_smtp"].config
-    if not cfg.smtp_configured:
+    """Ready while SMTP is configured and this worker has a relay not in cool-down."""
+    svc = current_app.extensions["herald_smtp"]
+    if not svc.config.smtp_configured:
         return {"status": "not_ready", "service": "herald-smtp",
                 "reason": "SMTP_HOST and SMTP_FROM must be set"}, 503
+    if not svc.transport.available():
+        return {"status": "not_ready", "service": "herald-smtp",
+                "reason": "every SMTP relay failed its last send and is in cool-down"}, 503
     return {"status": "ready", "service": "herald-smtp"}
 
 

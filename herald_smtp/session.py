@@ -1,0 +1,340 @@
+"""SMTP sessions: opening one with a relay (connect, greeting, EHLO, STARTTLS, AUTH), holding it
+for reuse, and closing it politely.
+
+Like Postfix's connection cache, a session is reused for a bounded time and number of messages:
+each worker thread keeps one per relay, and a reaper thread QUITs the ones left idle too long,
+so a quiet service holds no connections at the provider. Every byte a session reads or writes
+waits only for what is left of its deadline (`Deadline`), so no server can stretch a send past it.
+"""
+
+import select
+import smtplib
+import socket
+import ssl
+import threading
+import time
+
+from .config import Relay
+from .errors import SendError
+
+QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
+
+
+class RelayFailed(Exception):
+    """This relay cannot take the mail, and nothing of it was sent: another relay may.
+    `error` is the answer if none can; `reason` names the failure for metrics."""
+
+    def __init__(self, error: SendError, reason: str):
+        super().__init__(error.message)
+        self.error, self.reason = error, reason
+
+
+class Deadline:
+    """When (time.monotonic()) the session's current work must be over. One per session, shared
+    by its plain socket and the TLS socket that replaces it at STARTTLS."""
+    __slots__ = ("at",)
+
+    def __init__(self, at: float):
+        self.at = at
+
+
+class _DeadlineIO:
+    """Socket methods that wait only for what is left of the deadline. A socket timeout alone
+    restarts at every recv, so a server dribbling a byte at a time would never be cut off."""
+    deadline: Deadline
+
+    def _arm(self):
+        left = self.deadline.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("SMTP deadline passed")
+        self.settimeout(left)
+
+    def recv(self, *args):
+        self._arm()
+        return super().recv(*args)
+
+    def recv_into(self, *args):
+        self._arm()
+        return super().recv_into(*args)
+
+    def send(self, *args):
+        self._arm()
+        return super().send(*args)
+
+    def sendall(self, *args):
+        # A plain socket's sendall is bounded as a whole by its timeout; a TLS one calls send().
+        self._arm()
+        return super().sendall(*args)
+
+
+class _Socket(_DeadlineIO, socket.socket):
+    pass
+
+
+class _TLSSocket(_DeadlineIO, ssl.SSLSocket):
+    """What our TLS contexts wrap sockets in (their sslsocket_class)."""
+
+    @classmethod
+    def _create(cls, sock, *args, **kwargs):
+        sock._arm()  # the handshake inside is bounded as a whole by the socket's timeout
+        tls = super()._create(sock, *args, **kwargs)
+        tls.deadline = sock.deadline
+        return tls
+
+
+def tls_context(relay: Relay):
+    """The client TLS context for a relay (None without TLS): its CAs, reads and writes on the deadline."""
+    if not (relay.use_tls or relay.use_starttls):
+        return None
+    context = ssl.create_default_context(cafile=relay.ca_file or None)
+    if relay.skip_tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.sslsocket_class = _TLSSocket
+    return context
+
+
+def _connect(host: str, port: int, deadline: Deadline) -> _Socket:
+    """socket.create_connection on a deadline socket: every address tried shares the deadline."""
+    error = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = _Socket(family, kind, proto)
+        sock.deadline = deadline
+        try:
+            sock._arm()
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise
+            error = e
+    raise error or OSError("the SMTP host has no address")
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib on deadline sockets, from the connect through the greeting, TLS and every command.
+    `turns` counts the times it waited for the server after speaking (round trips)."""
+
+    def __init__(self, deadline: Deadline, helo: str, tls: ssl.SSLContext = None, implicit_tls: bool = False):
+        super().__init__(local_hostname=helo)  # no host: open() connects
+        self.deadline, self.tls, self.implicit_tls = deadline, tls, implicit_tls
+        self.turns, self._spoke = 0, True  # the greeting is the first wait
+
+    def open(self, host: str, port: int) -> None:
+        self._host = host  # starttls() checks the certificate against it
+        code, message = self.connect(host, port)
+        if code != 220:
+            self.close()
+            raise smtplib.SMTPConnectError(code, message)
+
+    def _get_socket(self, host, port, timeout):
+        sock = _connect(host, port, self.deadline)
+        return self.tls.wrap_socket(sock, server_hostname=host) if self.implicit_tls else sock
+
+    def send(self, s):
+        self._spoke = True
+        super().send(s)
+
+    def getreply(self):
+        self.turns += self._spoke
+        self._spoke = False
+        return super().getreply()
+
+
+def _ehlo(smtp) -> None:
+    """EHLO, and a refusal is the session's failure (smtplib only returns the code)."""
+    code, message = smtp.ehlo()
+    if code != 250:
+        raise smtplib.SMTPResponseException(code, message)
+
+
+def timed_out(e: BaseException, deadline: float) -> bool:
+    """smtplib wraps socket timeouts in SMTPServerDisconnected; look through the chain."""
+    while e is not None:
+        if isinstance(e, TimeoutError):
+            return True
+        e = e.__cause__ or e.__context__
+    return time.monotonic() >= deadline
+
+
+def reply_error(stage: str, code: int, *, permanent_code: str = "send_failed") -> SendError:
+    # 421 and other 4xx are transient: the provider is (for now) down. 5xx is permanent.
+    if 400 <= code < 500:
+        return SendError("provider_down", f"SMTP server deferred {stage} (temporary {code})")
+    return SendError(permanent_code, f"SMTP server rejected {stage} ({code})")
+
+
+class Session:
+    """One open SMTP session with one relay."""
+
+    def __init__(self, relay: Relay, smtp: _SMTP):
+        self.relay, self.smtp = relay, smtp
+        self.opened = self.last_used = time.monotonic()
+        self.sent = 0
+        self.busy = False  # a send holds it (set and read under Sessions' lock)
+        self.closed = False
+
+    @classmethod
+    def open(cls, relay: Relay, tls, helo: str, deadline: float) -> "Session":
+        """Connect, read the greeting, EHLO, STARTTLS (required when configured) and AUTH, all by
+        `deadline`. RelayFailed when the relay cannot be used; TimeoutError at the deadline."""
+        smtp = _SMTP(Deadline(deadline), relay.helo_name or helo, tls, relay.use_tls)
+        try:
+            smtp.open(relay.host, relay.port)
+            _ehlo(smtp)
+            if relay.use_starttls:
+                if not smtp.has_extn("starttls"):
+                    raise RelayFailed(SendError("provider_down", "SMTP server does not offer STARTTLS; "
+                                                                 "refusing to send in clear"), "no_starttls")
+                smtp.starttls(context=tls)
+                _ehlo(smtp)
+            if relay.user:
+                smtp.login(relay.user, relay.password)
+        except RelayFailed:
+            _close(smtp)
+            raise
+        except Exception as e:
+            _close(smtp)
+            if timed_out(e, deadline):
+                raise TimeoutError from None
+            raise _open_failure(e, relay) from None
+        return cls(relay, smtp)
+
+    def until(self, deadline: float) -> None:
+        """Bound everything the session does from now on by `deadline`."""
+        self.smtp.deadline.at = deadline
+
+    def extension(self, name: str) -> bool:
+        return self.smtp.has_extn(name)
+
+    def gone(self) -> bool:
+        """The server spoke unasked (a 421 before closing) or closed: the session is dead."""
+        sock = self.smtp.sock
+        try:
+            return sock is None or bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def close(self, polite: bool = False, wait: bool = True, until: float = 0) -> None:
+        """End the session; `polite` says QUIT first (and, with `wait`, reads the 221) by `until`."""
+        self.closed = True
+        if polite and self.smtp.sock is not None:
+            self.until(until)
+            try:
+                if wait:
+                    self.smtp.quit()
+                    return
+                self.smtp.send("QUIT\r\n")
+            except (OSError, smtplib.SMTPException):
+                pass
+        _close(self.smtp)
+
+
+def _close(smtp) -> None:
+    try:
+        smtp.close()
+    except OSError:
+        pass
+
+
+def _open_failure(e: BaseException, relay: Relay) -> RelayFailed:
+    if isinstance(e, smtplib.SMTPAuthenticationError):
+        if 400 <= e.smtp_code < 500:
+            return RelayFailed(SendError("provider_down", "SMTP server deferred authentication "
+                                                          f"(temporary {e.smtp_code})"), "deferred")
+        return RelayFailed(SendError("send_failed", f"SMTP authentication failed; check {relay.prefix}USER and "
+                                                    f"{relay.prefix}PASSWORD"), "auth")
+    if isinstance(e, smtplib.SMTPNotSupportedError):
+        return RelayFailed(SendError("send_failed", "SMTP server does not offer AUTH"), "auth")
+    if isinstance(e, (ssl.SSLError, ssl.CertificateError)):
+        return RelayFailed(SendError("provider_down", "TLS handshake with the SMTP server failed"), "tls")
+    if isinstance(e, smtplib.SMTPConnectError):
+        error = SendError("provider_down", f"SMTP server refused the session ({e.smtp_code})")
+        return RelayFailed(error, "deferred" if 400 <= e.smtp_code < 500 else "refused")
+    if isinstance(e, smtplib.SMTPResponseException):
+        return RelayFailed(reply_error("the session", e.smtp_code),
+                           "deferred" if 400 <= e.smtp_code < 500 else "refused")
+    if isinstance(e, (OSError, smtplib.SMTPException)):
+        return RelayFailed(SendError("provider_down", "SMTP server unreachable"), "unreachable")
+    return RelayFailed(SendError("send_failed", "unexpected error while connecting to the SMTP server"), "unexpected")
+
+
+class Sessions:
+    """The sessions of one worker: one per thread and relay, for reuse, and all of them, so the
+    reaper can QUIT the idle ones and a worker at exit all of them."""
+
+    def __init__(self, max_idle: float, max_messages: int):
+        self.max_idle, self.max_messages = max_idle, max_messages
+        self._local = threading.local()
+        self._all = set()
+        self._lock = threading.Lock()
+        self._reaper = None
+        self._stop = threading.Event()
+
+    def take(self, relay: Relay, deadline: float):
+        """This thread's open session with `relay`, marked busy, or None (a stale one is closed)."""
+        session = getattr(self._local, relay.name, None)
+        if session is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if session.closed:  # the reaper took it
+                setattr(self._local, relay.name, None)
+                return None
+            session.busy = True
+        if now - session.last_used > self.max_idle or session.sent >= self.max_messages:
+            # A request is waiting: say QUIT, don't wait for 221.
+            self.drop(session, polite=True, wait=False, until=min(deadline, now + QUIT_SECONDS))
+            return None
+        if session.gone():
+            self.drop(session)
+            return None
+        return session
+
+    def add(self, session: Session) -> None:
+        """A new session, busy with its first send."""
+        session.busy = True
+        setattr(self._local, session.relay.name, session)
+        with self._lock:
+            self._all.add(session)
+            if self._reaper is None and self.max_idle >= 0:
+                self._reaper = threading.Thread(target=self._reap, name="herald-smtp-reaper", daemon=True)
+                self._reaper.start()
+
+    def release(self, session: Session) -> None:
+        """The send is over and the session may be reused."""
+        with self._lock:
+            session.busy = False
+            session.last_used = time.monotonic()
+
+    def drop(self, session: Session, polite: bool = False, wait: bool = True, until: float = 0) -> None:
+        with self._lock:
+            self._all.discard(session)
+        if getattr(self._local, session.relay.name, None) is session:
+            setattr(self._local, session.relay.name, None)
+        session.close(polite, wait, until)
+
+    def close_all(self) -> None:
+        """QUIT every session within QUIT_SECONDS (gunicorn's worker_exit), and stop the reaper."""
+        self._stop.set()
+        with self._lock:
+            sessions, self._all = list(self._all), set()
+        until = time.monotonic() + QUIT_SECONDS
+        for session in sessions:
+            session.close(polite=True, until=until)
+
+    def _reap(self) -> None:
+        """QUIT the sessions idle past SMTP_MAX_IDLE_SECONDS, looking again when the next one will be."""
+        wait = self.max_idle
+        while not self._stop.wait(min(max(wait, 0.05), 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [s for s in self._all if not s.busy and now - s.last_used > self.max_idle]
+                for session in idle:
+                    session.closed = True  # its thread sees this at its next take()
+                    self._all.discard(session)
+                left = [s.last_used + self.max_idle - now for s in self._all if not s.busy]
+            for session in idle:
+                session.close(polite=True, until=time.monotonic() + QUIT_SECONDS)
+            wait = min(left, default=self.max_idle)
