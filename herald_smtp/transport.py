@@ -18,6 +18,7 @@ import time
 
 from .config import Config
 from .errors import SendError
+from .tls import tls_context
 
 log = logging.getLogger("herald_smtp.transport")
 
@@ -74,12 +75,7 @@ class Transport:
         self._slots = threading.BoundedSemaphore(cfg.smtp_max_concurrent_sends)
         self._sessions = set()  # every open session, so a worker can QUIT them all on exit
         self._lock = threading.Lock()
-        self._tls = None
-        if cfg.smtp_use_tls or cfg.smtp_use_starttls:
-            self._tls = ssl.create_default_context(cafile=cfg.smtp_ca_file or None)
-            if cfg.smtp_skip_tls_verify:
-                self._tls.check_hostname = False
-                self._tls.verify_mode = ssl.CERT_NONE
+        self._tls = tls_context(cfg)
 
     # -- public ------------------------------------------------------------------
 

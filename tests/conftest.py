@@ -200,11 +200,11 @@ def smtp_server():
 
 @pytest.fixture
 def make_server(certs):
-    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, **aiosmtpd kwargs)."""
+    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, certs=another Certs, **aiosmtpd kwargs)."""
     servers = []
 
     def make(**kwargs):
-        server = SMTPServer(certs=certs, **kwargs).start()
+        server = SMTPServer(**{"certs": certs, **kwargs}).start()
         servers.append(server)
         return server
 

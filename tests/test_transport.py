@@ -7,7 +7,7 @@ import time
 import pytest
 import trustme
 
-from conftest import send_json, unique_key
+from conftest import Certs, send_json, unique_key
 
 TO = "dora@example.com"
 # aiosmtpd cannot see implicit TLS, and one test wants AUTH offered in clear on purpose.
@@ -56,6 +56,21 @@ def test_certificate_from_an_unknown_ca_is_503(make_server, make_app, tmp_path, 
     assert resp.get_json()["error_code"] == "provider_down"
     assert "localhost" not in resp.get_json()["error_message"]
     assert server.messages == []
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_ca_file_adds_to_the_system_cas(make_server, make_app, certs, tmp_path, monkeypatch, tls):
+    # OpenSSL's default paths honour SSL_CERT_FILE: a temporary bundle stands in for the system's.
+    public = Certs(tmp_path)  # a CA only the "system" store knows
+    private_relay, public_relay = make_server(tls=tls), make_server(tls=tls, certs=public)
+    monkeypatch.setenv("SSL_CERT_FILE", certs.ca_file)  # a system store without the public CA
+    assert send(make_app(public_relay.env(SMTP_CA_FILE=certs.ca_file)).test_client()).status_code == 503
+    monkeypatch.setenv("SSL_CERT_FILE", public.ca_file)
+    for relay in (private_relay, public_relay):
+        client = make_app(relay.env(SMTP_CA_FILE=certs.ca_file)).test_client()
+        resp = send(client)
+        assert resp.status_code == 200, resp.get_json()
+        assert len(relay.messages) == 1
 
 
 def test_skip_tls_verify_accepts_an_unknown_ca(make_server, make_app, tmp_path):
