@@ -9,6 +9,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 import tempfile
 from typing import Mapping
 
@@ -185,8 +186,12 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{name}: contains a control character")
     if cfg.smtp_from and not re.fullmatch(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+", cfg.smtp_from):
         raise ConfigError("SMTP_FROM: expected a plain address like noreply@example.com")
-    if cfg.smtp_ca_file and not os.path.isfile(cfg.smtp_ca_file):
-        raise ConfigError("SMTP_CA_FILE: no such file")
+    if cfg.smtp_ca_file:
+        try:  # loaded now, so a wrong file stops startup here rather than in every worker
+            ssl.create_default_context().load_verify_locations(cafile=cfg.smtp_ca_file)
+        except OSError as e:
+            reason = e.strerror if not isinstance(e, ssl.SSLError) else "no PEM certificate in it"
+            raise ConfigError(f"SMTP_CA_FILE: cannot load the file ({reason})") from None
     encrypted = cfg.smtp_use_tls or cfg.smtp_use_starttls
     if cfg.smtp_user and not encrypted and cfg.smtp_host and not is_loopback(cfg.smtp_host):
         raise ConfigError("SMTP_USER is set but TLS is off: credentials are only sent over "

@@ -76,6 +76,12 @@ def test_bad_value_raises_config_error_naming_the_variable(env, variable):
     assert "pw" not in message.split()
 
 
+def test_a_ca_file_without_a_certificate_names_the_variable(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^SMTP_CA_FILE: cannot load the file \(no PEM certificate in it\)$"):
+        load_config({"SMTP_CA_FILE": str(tmp_path / "ca.pem")})
+
+
 def test_bad_value_stops_the_app_factory():
     with pytest.raises(ConfigError, match="SMTP_PORT"):
         create_app({"SMTP_PORT": "abc"})
