@@ -50,9 +50,11 @@ def test_success_shape_with_key_returns_the_key_as_message_id(client, smtp_serve
 
 
 def test_key_in_body_is_the_message_id(client, smtp_server):
-    key = unique_key()
-    resp = send_json(client, {**OK, "idempotency_key": key}, key=key)
-    assert resp.get_json()["message_id"] == key
+    key = unique_key()  # in the body only: no Idempotency-Key header
+    resp = send_json(client, {**OK, "idempotency_key": key})
+    assert resp.get_json() == {"ok": True, "message_id": key, "provider": "smtp"}
+    assert send_json(client, {**OK, "idempotency_key": key}).get_json()["message_id"] == key  # replayed
+    assert len(smtp_server.messages) == 1
 
 
 def test_without_a_key_message_id_is_a_uuid(client, smtp_server):
