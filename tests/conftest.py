@@ -2,11 +2,15 @@
 
 import asyncio
 import collections
+import contextlib
 import email
 import email.policy
+import http.client
 import io
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -307,6 +311,24 @@ class Gunicorn:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def workers(self, n):
+        """The n worker pids, once all are forked (healthy means one worker is up, maybe not all)."""
+        wait_for(lambda: len(self.worker_pids()) == n, timeout=20)
+        return self.worker_pids()
+
+    @contextlib.contextmanager
+    def only_through(self, worker):
+        """Every connection opened in the block is accepted by `worker`: the others are stopped
+        (SIGSTOP), so they cannot accept from the listening socket the workers share."""
+        others = [p for p in self.worker_pids() if p != worker]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+
     def stop(self, sig=None):
         if self.proc.poll() is None:
             self.proc.terminate() if sig is None else self.proc.send_signal(sig)
@@ -317,6 +339,44 @@ class Gunicorn:
                 self.proc.wait()
         self.log.close()
         return self.log_path.read_text()
+
+
+class WorkerConnection:
+    """A keep-alive HTTP connection that one gunicorn worker accepted. A gthread worker serves
+    every request on a connection it accepted, so requests on it reach that worker and no other."""
+
+    def __init__(self, g, worker):
+        self.http = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+        self.http.auto_open = 0  # never reconnect silently: a new connection could reach another worker
+        with g.only_through(worker):
+            self.http.connect()
+            assert self.request("GET", "/healthz")[0] == 200  # accepted and served by now
+        self.pid = worker
+        assert owners(g.port, self.http.sock.getsockname()[1]) == [worker]
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, parsed JSON body)"""
+        self.http.request(method, path, body=body, headers=headers or {})
+        resp = self.http.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def post(self, payload, key=None, headers=None):
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            h["Idempotency-Key"] = key
+        return self.request("POST", "/v1/send", json.dumps(payload).encode(), h)
+
+    def close(self):
+        self.http.close()
+
+
+def owners(sport, dport=None):
+    """pids of the processes holding established TCP connections from local port `sport`
+    (to local port `dport`, when given)."""
+    query = f"( sport = :{sport} )" if dport is None else f"( sport = :{sport} and dport = :{dport} )"
+    out = subprocess.run(["ss", "-Htnp", "state", "established", query],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in re.findall(r"pid=(\d+)", out)]
 
 
 @pytest.fixture
