@@ -1,6 +1,7 @@
 """Idempotency, each backend against the real thing: a SQLite file in a temp dir, the machine's
-Redis (db 13, flushed) and memory. Through the Flask app and aiosmtpd where a user would see it;
-at the store's own interface where only it can set a case up (a dead owner's lease)."""
+Redis (database HERALD_TEST_REDIS_DB, flushed) and memory. Through the Flask app and aiosmtpd
+where a user would see it; at the store's own interface where only it can set a case up (a dead
+owner's lease)."""
 
 import multiprocessing
 import os
@@ -183,25 +184,6 @@ def test_two_replicas_sharing_a_store_send_once(make_app, smtp_server, shared_ur
     assert len(smtp_server.messages) == 1
 
 
-def test_unreachable_redis_is_503_and_nothing_is_sent(service, smtp_server, logs):
-    client = service(f"redis://127.0.0.1:{free_port()}/0")
-    resp = send_json(client, MAIL, key=unique_key())
-    assert resp.status_code == 503
-    body = resp.get_json()
-    assert body["error_code"] == "provider_down"
-    assert "idempotency store" in body["error_message"] and "127.0.0.1" not in body["error_message"]
-    assert smtp_server.messages == []
-    assert send_json(client, MAIL).status_code == 200  # without a key no store is needed
-
-
-def test_unreachable_redis_with_fail_open_sends_unprotected(service, smtp_server, logs):
-    client = service(f"redis://127.0.0.1:{free_port()}/0", IDEMPOTENCY_FAIL_OPEN="true")
-    key = unique_key()
-    assert send_json(client, MAIL, key=key).get_json()["message_id"] == key
-    assert len(smtp_server.messages) == 1
-    assert "sending unprotected" in logs.getvalue()
-
-
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of this test's own, which it may stop (the machine's Redis is shared)."""
@@ -220,6 +202,43 @@ def _pings(client):
         return client.ping()
     except redis.ConnectionError:
         return False
+
+
+@pytest.fixture(params=["never-reached", "stopped-after-use"])
+def redis_down(request, make_app, smtp_server):
+    """Factory: a client whose Redis store does not answer: on a port nothing listens on, or the
+    test's own Redis, used for one keyed send and then stopped."""
+    def make(**env):
+        if request.param == "never-reached":
+            return make_app(smtp_server.env(IDEMPOTENCY_STORE=f"redis://127.0.0.1:{free_port()}/0", **env)).test_client()
+        proc, _, url = request.getfixturevalue("own_redis")
+        client = make_app(smtp_server.env(IDEMPOTENCY_STORE=url, **env)).test_client()
+        assert send_json(client, MAIL, key=unique_key()).status_code == 200
+        proc.terminate()
+        proc.wait()
+        return client
+    return make
+
+
+def test_unreachable_redis_is_503_and_nothing_is_sent(redis_down, smtp_server):
+    client = redis_down()
+    before = len(smtp_server.messages)
+    resp = send_json(client, MAIL, key=unique_key())
+    assert resp.status_code == 503
+    body = resp.get_json()
+    assert body["error_code"] == "provider_down"
+    assert "idempotency store" in body["error_message"] and "127.0.0.1" not in body["error_message"]
+    assert len(smtp_server.messages) == before
+    assert send_json(client, MAIL).status_code == 200  # without a key no store is needed
+
+
+def test_unreachable_redis_with_fail_open_sends_unprotected(redis_down, smtp_server, logs):
+    client = redis_down(IDEMPOTENCY_FAIL_OPEN="true")
+    before = len(smtp_server.messages)
+    key = unique_key()
+    assert send_json(client, MAIL, key=key).get_json()["message_id"] == key
+    assert len(smtp_server.messages) == before + 1
+    assert "sending unprotected" in logs.getvalue()
 
 
 def test_store_lost_while_following_is_503_even_with_fail_open(make_app, smtp_server, own_redis):
