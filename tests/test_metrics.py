@@ -20,7 +20,10 @@ def parse(text: str) -> dict:
 
 
 def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A sample's value; one that is missing fails the test, so a renamed metric never reads as 0."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"no sample {name}{labels}"
+    return samples[key]
 
 
 def sends(samples, outcome, error_code=""):
@@ -72,10 +75,13 @@ def test_answers_before_the_send_view_are_counted_too(make_app, smtp_server):
 
 def test_metrics_hold_no_recipient_key_or_text(make_app, smtp_server):
     client = make_app(smtp_server.env()).test_client()
-    send_json(client, {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"},
-              key="key-XYZ")
-    send_json(client, {"to": "dave.secret@nowhere"})
+    mail = {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"}
+    assert send_json(client, mail, key="key-XYZ").status_code == 200
+    assert send_json(client, mail, key="key-XYZ").status_code == 200  # replayed
+    assert send_json(client, {"to": "dave.secret@nowhere"}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)
+    m = parse(text)  # the three answers were counted: this text is what they left behind
+    assert (sends(m, "sent"), sends(m, "replayed"), sends(m, "failed", "invalid_destination")) == (1, 1, 1)
     for secret in ("carol", "dave", "example.com", "nowhere", "XYZ"):
         assert secret not in text
 
