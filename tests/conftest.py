@@ -34,6 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "13"))
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
+# The status of every error_code, written out from the README's API table: the tests' own copy,
+# so a change to the code's table (herald_smtp.errors.STATUS) cannot carry the tests along.
+CONTRACT_STATUS = {
+    "unauthorized": 401, "invalid_request": 400, "invalid_destination": 400, "validation_failed": 400,
+    "idempotency_conflict": 409, "rate_limited": 429, "provider_down": 503, "timeout": 504,
+    "send_failed": 500, "not_found": 404, "method_not_allowed": 405,
+}
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from herald_smtp.errors import STATUS
+from conftest import CONTRACT_STATUS
 
 TO = "user@example.com"
 INJECTED = "Bcc: evil@example.org"
@@ -29,7 +29,7 @@ def post(client, payload=None, *, raw=None, content_type="application/json", hea
 
 
 def assert_refused(server, before, r, code, status=None):
-    assert (r.status_code, r.json) == (status or STATUS[code], {"ok": False, "error_code": code,
+    assert (r.status_code, r.json) == (status or CONTRACT_STATUS[code], {"ok": False, "error_code": code,
                                                                 "error_message": r.json["error_message"]})
     assert len(server.messages) == before  # nothing sent for a refused request
 
