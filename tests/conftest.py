@@ -63,9 +63,11 @@ class Handler:
         self.pipelining = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
         self.pipelined = []  # per MAIL: had RCPT and DATA already arrived with it?
         self.commands = collections.Counter()  # MAIL, RSET, QUIT received, by verb
+        self.ehlo_names = []  # the name in every EHLO, in arrival order
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        self.ehlo_names.append(hostname)
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses

@@ -1,6 +1,7 @@
 """The SMTP transport against real aiosmtpd servers: TLS modes with verification on, AUTH,
 connection reuse and its bounds, servers that drop or restart, and clean shutdown."""
 
+import socket
 import threading
 import time
 
@@ -79,6 +80,13 @@ def test_skip_tls_verify_accepts_an_unknown_ca(make_server, make_app, tmp_path):
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     client = make_app(server.env(SMTP_CA_FILE=str(other_ca), SMTP_SKIP_TLS_VERIFY="true")).test_client()
     assert send(client).status_code == 200
+
+
+def test_ehlo_names_the_hostname_or_smtp_helo_name(make_server, make_app):
+    server = make_server(tls="starttls")  # EHLO again after STARTTLS, with the same name
+    assert send(make_app(server.env()).test_client()).status_code == 200
+    assert send(make_app(server.env(SMTP_HELO_NAME="mta.herald.example")).test_client()).status_code == 200
+    assert server.handler.ehlo_names == [socket.gethostname()] * 2 + ["mta.herald.example"] * 2
 
 
 def test_starttls_required_but_not_offered_is_503_and_nothing_goes_out_in_clear(make_server, make_app):
