@@ -1,5 +1,5 @@
 """POST /v1/send through the Flask test client against a real aiosmtpd server:
-every row of CONTRACT.md's error table, the success shape, content fallbacks, probes."""
+every row of the README's error table ("API"), the success shape, content fallbacks, probes."""
 
 import json
 import socket
