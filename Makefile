@@ -36,7 +36,8 @@ load: install
 	$(BIN)/python -m pytest -q -s -p no:logging tests/test_load.py $(PYTEST_ARGS)
 
 # herald-smtp against a connection-per-send relay, side by side (a few minutes; not a test).
-# Installs wrk and Postfix's smtp-sink with apt-get when missing. Options: BENCH_ARGS=--help.
+# Needs wrk and Postfix's smtp-sink: as root it installs them with apt-get when missing, otherwise
+# it prints the command to run. Options: BENCH_ARGS=--help.
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

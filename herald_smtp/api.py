@@ -103,8 +103,10 @@ def _json_object() -> dict:
     if not request.is_json:
         raise SendError("invalid_request", "Content-Type must be application/json", 415)
     raw = request.get_data(cache=False)  # MAX_CONTENT_LENGTH turns an oversize body into 413
-    if request.content_length is None and len(raw) >= request.max_content_length:
-        # A chunked body is cut at the limit by werkzeug, not refused: refuse it here.
+    if (request.content_length is None and len(raw) >= request.max_content_length
+            and request.environ["wsgi.input"].read(1)):
+        # werkzeug stops a chunked body at the limit without refusing it: refuse it here when
+        # a byte follows (one of exactly the limit is fine).
         raise SendError("invalid_request", "request body too large", 413)
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)

@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 import tempfile
 from typing import Mapping
 
@@ -251,8 +252,12 @@ def _check_relay(relay: Relay) -> None:
     for name in ("HOST", "USER", "HELO_NAME"):
         if has_control_chars(getattr(relay, name.lower())):
             raise ConfigError(f"{p}{name}: contains a control character")
-    if relay.ca_file and not os.path.isfile(relay.ca_file):
-        raise ConfigError(f"{p}CA_FILE: no such file")
+    if relay.ca_file:
+        try:  # loaded now, so a wrong file stops startup here rather than in every worker
+            ssl.create_default_context().load_verify_locations(cafile=relay.ca_file)
+        except OSError as e:
+            reason = e.strerror if not isinstance(e, ssl.SSLError) else "no PEM certificate in it"
+            raise ConfigError(f"{p}CA_FILE: cannot load the file ({reason})") from None
     encrypted = relay.use_tls or relay.use_starttls
     if relay.user and not encrypted and relay.host and not is_loopback(relay.host):
         raise ConfigError(f"{p}USER is set but TLS is off: credentials are only sent over "

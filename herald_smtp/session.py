@@ -83,10 +83,16 @@ class _TLSSocket(_DeadlineIO, ssl.SSLSocket):
 
 
 def tls_context(relay: Relay):
-    """The client TLS context for a relay (None without TLS): its CAs, reads and writes on the deadline."""
+    """The client TLS context for a relay (None without TLS), reading and writing on the deadline.
+
+    The relay's CA file is added to the system's CAs rather than replacing them, so a private
+    relay and a relay with a public certificate both verify.
+    """
     if not (relay.use_tls or relay.use_starttls):
         return None
-    context = ssl.create_default_context(cafile=relay.ca_file or None)
+    context = ssl.create_default_context()
+    if relay.ca_file:
+        context.load_verify_locations(cafile=relay.ca_file)
     if relay.skip_tls_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

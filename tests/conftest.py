@@ -2,11 +2,15 @@
 
 import asyncio
 import collections
+import contextlib
 import email
 import email.policy
+import http.client
 import io
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "13"))
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
+# The status of every error_code, written out from the README's API table: the tests' own copy,
+# so a change to the code's table (herald_smtp.errors.STATUS) cannot carry the tests along.
+CONTRACT_STATUS = {
+    "unauthorized": 401, "invalid_request": 400, "invalid_destination": 400, "validation_failed": 400,
+    "idempotency_conflict": 409, "rate_limited": 429, "provider_down": 503, "timeout": 504,
+    "send_failed": 500, "not_found": 404, "method_not_allowed": 405,
+}
 
 
 def free_port() -> int:
@@ -52,9 +63,11 @@ class Handler:
         self.pipelining = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
         self.pipelined = []  # per MAIL: had RCPT and DATA already arrived with it?
         self.commands = collections.Counter()  # MAIL, RSET, QUIT received, by verb
+        self.ehlo_names = []  # the name in every EHLO, in arrival order
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        self.ehlo_names.append(hostname)
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
@@ -200,11 +213,11 @@ def smtp_server():
 
 @pytest.fixture
 def make_server(certs):
-    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, **aiosmtpd kwargs)."""
+    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, certs=another Certs, **aiosmtpd kwargs)."""
     servers = []
 
     def make(**kwargs):
-        server = SMTPServer(certs=certs, **kwargs).start()
+        server = SMTPServer(**{"certs": certs, **kwargs}).start()
         servers.append(server)
         return server
 
@@ -333,6 +346,24 @@ class Gunicorn:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def workers(self, n):
+        """The n worker pids, once all are forked (healthy means one worker is up, maybe not all)."""
+        wait_for(lambda: len(self.worker_pids()) == n, timeout=20)
+        return self.worker_pids()
+
+    @contextlib.contextmanager
+    def only_through(self, worker):
+        """Every connection opened in the block is accepted by `worker`: the others are stopped
+        (SIGSTOP), so they cannot accept from the listening socket the workers share."""
+        others = [p for p in self.worker_pids() if p != worker]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+
     def stop(self, sig=None):
         if self.proc.poll() is None:
             self.proc.terminate() if sig is None else self.proc.send_signal(sig)
@@ -343,6 +374,44 @@ class Gunicorn:
                 self.proc.wait()
         self.log.close()
         return self.log_path.read_text()
+
+
+class WorkerConnection:
+    """A keep-alive HTTP connection that one gunicorn worker accepted. A gthread worker serves
+    every request on a connection it accepted, so requests on it reach that worker and no other."""
+
+    def __init__(self, g, worker):
+        self.http = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+        self.http.auto_open = 0  # never reconnect silently: a new connection could reach another worker
+        with g.only_through(worker):
+            self.http.connect()
+            assert self.request("GET", "/healthz")[0] == 200  # accepted and served by now
+        self.pid = worker
+        assert owners(g.port, self.http.sock.getsockname()[1]) == [worker]
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, parsed JSON body)"""
+        self.http.request(method, path, body=body, headers=headers or {})
+        resp = self.http.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def post(self, payload, key=None, headers=None):
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            h["Idempotency-Key"] = key
+        return self.request("POST", "/v1/send", json.dumps(payload).encode(), h)
+
+    def close(self):
+        self.http.close()
+
+
+def owners(sport, dport=None):
+    """pids of the processes holding established TCP connections from local port `sport`
+    (to local port `dport`, when given)."""
+    query = f"( sport = :{sport} )" if dport is None else f"( sport = :{sport} and dport = :{dport} )"
+    out = subprocess.run(["ss", "-Htnp", "state", "established", query],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in re.findall(r"pid=(\d+)", out)]
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""Configuration: CONTRACT.md's names and defaults, bad values stop startup naming the variable."""
+"""Configuration: the names and defaults of the README's "Configuration" table; a bad value stops
+startup with one line naming the variable."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,20 +10,29 @@ import pytest
 
 from conftest import ROOT
 from herald_smtp import ConfigError, create_app, load_config
+from herald_smtp.config import default_idempotency_store
 
 
 def test_defaults_are_the_contracts():
+    """Every variable's default, as the README's configuration table gives it."""
     cfg = load_config({})
-    assert (cfg.bind, cfg.api_keys, cfg.smtp_host, cfg.smtp_port, cfg.smtp_user, cfg.smtp_password) == \
-        ("0.0.0.0:8084", (), "", 587, "", "")
-    assert (cfg.smtp_from, cfg.smtp_from_name) == ("", "")
-    assert (cfg.smtp_use_tls, cfg.smtp_use_starttls, cfg.smtp_skip_tls_verify) == (False, True, False)
-    assert cfg.smtp_timeout_seconds == 30
-    assert cfg.smtp_max_concurrent_sends == 16
-    assert cfg.log_level == "INFO"
-    assert (cfg.idempotency_ttl_seconds, cfg.idempotency_max_entries) == (300, 1_200_000)
-    assert cfg.http_body_limit_bytes == 65536
-    assert cfg.web_concurrency == 2
+    assert dataclasses.asdict(cfg) == {
+        "bind": "0.0.0.0:8084", "api_keys": (),
+        "smtp_host": "", "smtp_port": 587, "smtp_user": "", "smtp_password": "",
+        "smtp_from": "", "smtp_from_name": "",
+        "smtp_use_tls": False, "smtp_use_starttls": True, "smtp_skip_tls_verify": False, "smtp_ca_file": "",
+        "smtp_helo_name": "",  # empty: the machine's hostname (test_transport checks EHLO)
+        "smtp_fallbacks": (), "smtp_relay_cooldown_seconds": 30, "smtp_chunking": True,
+        "smtp_timeout_seconds": 30, "smtp_max_concurrent_sends": 16,
+        "smtp_max_idle_seconds": 30, "smtp_max_messages_per_connection": 100,
+        "log_level": "INFO",
+        # Its path is checked in test_idempotency (the default store's private directory).
+        "idempotency_store": default_idempotency_store({}),
+        "idempotency_ttl_seconds": 300, "idempotency_max_entries": 1_200_000, "idempotency_fail_open": False,
+        "http_body_limit_bytes": 65536,
+        "web_concurrency": 2, "web_threads": 8,
+        "metrics_require_api_key": False,
+    }
     assert not cfg.smtp_configured
 
 
@@ -74,6 +85,12 @@ def test_bad_value_raises_config_error_naming_the_variable(env, variable):
     message = str(exc.value)
     assert variable in message and "\n" not in message
     assert "pw" not in message.split()
+
+
+def test_a_ca_file_without_a_certificate_names_the_variable(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"^SMTP_CA_FILE: cannot load the file \(no PEM certificate in it\)$"):
+        load_config({"SMTP_CA_FILE": str(tmp_path / "ca.pem")})
 
 
 def test_bad_value_stops_the_app_factory():

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from conftest import send_json, unique_key
-from herald_smtp.errors import STATUS
+from conftest import CONTRACT_STATUS, send_json, unique_key
 
 DEADLINE = 1  # timeout_seconds for the stall rows; SMTP_TIMEOUT_SECONDS stays at 10
 
@@ -79,7 +78,7 @@ def test_fault_on_a_fresh_connection(fault_server, certs, make_app, step, action
     r = _send(client, key, timeout_seconds=DEADLINE)
     elapsed = time.monotonic() - started
 
-    assert (r.status_code, r.json["error_code"], r.json["ok"]) == (STATUS[code], code, False)
+    assert (r.status_code, r.json["error_code"], r.json["ok"]) == (CONTRACT_STATUS[code], code, False)
     assert set(r.json) == {"ok", "error_code", "error_message"}
     assert server.accepted == [] and len(server.received) == (step == "dot")  # never a second copy
     if pipelining and step == "mail" and action[0] in "45" and not action.startswith("421"):
@@ -127,7 +126,7 @@ def test_fault_on_a_cached_connection(fault_server, make_app, step, action, time
         assert r.status_code == 200
         assert len(server.accepted) == 2
     else:
-        assert (r.status_code, r.json["error_code"]) == (STATUS[code], code)
+        assert (r.status_code, r.json["error_code"]) == (CONTRACT_STATUS[code], code)
         assert len(server.accepted) == 1
     assert (server.sessions, len(server.received)) == (sessions, received)
     server.heal()

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from herald_smtp.errors import STATUS
+from conftest import CONTRACT_STATUS
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_load_through_smtp_restarts_and_a_killed_worker(service, smtp_server):
     assert max(copies.values()) == 1  # and no mail went out twice, answered or not
     for key, status, code in results:
         if status not in (200, RESET):
-            assert STATUS.get(code) == status, (status, code)  # a contract error envelope
+            assert CONTRACT_STATUS.get(code) == status, (status, code)  # a contract error envelope
         if code == "provider_down":
             assert copies[key] == 0  # "down" means it was not sent
     assert answers["provider_down"] > 0 and answers[200] > REQUESTS // 4  # the chaos did happen, and so did work

@@ -1,5 +1,6 @@
 """MessageBuilder.build writes its bytes directly; they must equal what the stdlib's EmailMessage
-writes for the same request, so the wire format of CONTRACT.md stays the stdlib's, byte for byte.
+writes for the same request, byte for byte (README, "Performance": the message is written
+straight to bytes).
 
 The reference below is the EmailMessage construction build() used before it was made fast.
 Date, Message-ID and the multipart boundary differ per message; they are compared by shape.

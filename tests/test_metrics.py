@@ -1,6 +1,5 @@
 """GET /metrics: Prometheus text that adds up every gunicorn worker, without user text in labels."""
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +20,10 @@ def parse(text: str) -> dict:
 
 
 def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A sample's value; one that is missing fails the test, so a renamed metric never reads as 0."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"no sample {name}{labels}"
+    return samples[key]
 
 
 def sends(samples, outcome, error_code=""):
@@ -73,10 +75,13 @@ def test_answers_before_the_send_view_are_counted_too(make_app, smtp_server):
 
 def test_metrics_hold_no_recipient_key_or_text(make_app, smtp_server):
     client = make_app(smtp_server.env()).test_client()
-    send_json(client, {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"},
-              key="key-XYZ")
-    send_json(client, {"to": "dave.secret@nowhere"})
+    mail = {"to": "carol.secret@example.com", "subject": "Subject-XYZ", "body": "Body-XYZ"}
+    assert send_json(client, mail, key="key-XYZ").status_code == 200
+    assert send_json(client, mail, key="key-XYZ").status_code == 200  # replayed
+    assert send_json(client, {"to": "dave.secret@nowhere"}).status_code == 400
     text = client.get("/metrics").get_data(as_text=True)
+    m = parse(text)  # the three answers were counted: this text is what they left behind
+    assert (sends(m, "sent"), sends(m, "replayed"), sends(m, "failed", "invalid_destination")) == (1, 1, 1)
     for secret in ("carol", "dave", "example.com", "nowhere", "XYZ"):
         assert secret not in text
 
@@ -105,34 +110,14 @@ def scrape(g, **headers):
         return parse(resp.read().decode())
 
 
-@contextlib.contextmanager
-def only_through(g, worker):
-    """Every request in the block reaches `worker`: the other worker is stopped (SIGSTOP),
-    so it cannot accept from the listening socket the workers share."""
-    others = [p for p in g.worker_pids() if p != worker]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
-
-
-
-def two_workers(g):
-    wait_for(lambda: len(g.worker_pids()) == 2, timeout=20)  # healthy means one worker is up, maybe not both
-    return g.worker_pids()
-
-
 def test_metrics_add_up_every_gunicorn_worker(gunicorn, smtp_server):
     g = gunicorn(smtp_server.env(), workers=2, threads=2)
-    a, b = two_workers(g)
+    a, b = g.workers(2)
     key = unique_key()
-    with only_through(g, a):
+    with g.only_through(a):
         for i in range(3):
             assert g.post({"to": f"user{i}@example.com", "body": "hello"}, key=key if i == 0 else None)[0] == 200
-    with only_through(g, b):
+    with g.only_through(b):
         for i in range(3, 5):
             assert g.post({"to": f"user{i}@example.com", "body": "hello"})[0] == 200
         # The key was first used on worker a; the shared store replays it here.
@@ -155,22 +140,22 @@ def test_metrics_add_up_every_gunicorn_worker(gunicorn, smtp_server):
 
     # Whichever worker answers the scrape, it reports both workers' counts.
     for worker in (a, b):
-        with only_through(g, worker):
+        with g.only_through(worker):
             totals_are_right(scrape(g))
 
     # A worker that dies is replaced; what it counted stays in the totals.
     os.kill(a, signal.SIGKILL)
     wait_for(lambda: a not in g.worker_pids(), timeout=20)
-    two_workers(g)
+    g.workers(2)
     wait_for(lambda: urllib.request.urlopen(g.url + "/healthz", timeout=5).status == 200, timeout=20)
     for worker in g.worker_pids():
-        with only_through(g, worker):
+        with g.only_through(worker):
             totals_are_right(scrape(g))
 
 
 def test_in_flight_sends_are_summed_over_live_workers(gunicorn, smtp_server):
     g = gunicorn(smtp_server.env(), workers=2, threads=2)
-    a, b = two_workers(g)
+    a, b = g.workers(2)
     smtp_server.handler.data_gate = gate = threading.Event()
     results = []
 
@@ -180,7 +165,7 @@ def test_in_flight_sends_are_summed_over_live_workers(gunicorn, smtp_server):
     threads = []
     try:
         for i, worker in enumerate((a, b)):  # one held send in each worker
-            with only_through(g, worker):
+            with g.only_through(worker):
                 threads.append(threading.Thread(target=post, args=(i,)))
                 threads[-1].start()
                 wait_for(lambda: len(smtp_server.handler.data_peers) == i + 1, timeout=20)

@@ -1,13 +1,14 @@
 """The SMTP transport against real aiosmtpd servers: TLS modes with verification on, AUTH,
 connection reuse and its bounds, servers that drop or restart, and clean shutdown."""
 
+import socket
 import threading
 import time
 
 import pytest
 import trustme
 
-from conftest import send_json, unique_key
+from conftest import Certs, send_json, unique_key
 
 TO = "dora@example.com"
 # aiosmtpd cannot see implicit TLS, and one test wants AUTH offered in clear on purpose.
@@ -58,12 +59,34 @@ def test_certificate_from_an_unknown_ca_is_503(make_server, make_app, tmp_path, 
     assert server.messages == []
 
 
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_ca_file_adds_to_the_system_cas(make_server, make_app, certs, tmp_path, monkeypatch, tls):
+    # OpenSSL's default paths honour SSL_CERT_FILE: a temporary bundle stands in for the system's.
+    public = Certs(tmp_path)  # a CA only the "system" store knows
+    private_relay, public_relay = make_server(tls=tls), make_server(tls=tls, certs=public)
+    monkeypatch.setenv("SSL_CERT_FILE", certs.ca_file)  # a system store without the public CA
+    assert send(make_app(public_relay.env(SMTP_CA_FILE=certs.ca_file)).test_client()).status_code == 503
+    monkeypatch.setenv("SSL_CERT_FILE", public.ca_file)
+    for relay in (private_relay, public_relay):
+        client = make_app(relay.env(SMTP_CA_FILE=certs.ca_file)).test_client()
+        resp = send(client)
+        assert resp.status_code == 200, resp.get_json()
+        assert len(relay.messages) == 1
+
+
 def test_skip_tls_verify_accepts_an_unknown_ca(make_server, make_app, tmp_path):
     server = make_server(tls="starttls")
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     client = make_app(server.env(SMTP_CA_FILE=str(other_ca), SMTP_SKIP_TLS_VERIFY="true")).test_client()
     assert send(client).status_code == 200
+
+
+def test_ehlo_names_the_hostname_or_smtp_helo_name(make_server, make_app):
+    server = make_server(tls="starttls")  # EHLO again after STARTTLS, with the same name
+    assert send(make_app(server.env()).test_client()).status_code == 200
+    assert send(make_app(server.env(SMTP_HELO_NAME="mta.herald.example")).test_client()).status_code == 200
+    assert server.handler.ehlo_names == [socket.gethostname()] * 2 + ["mta.herald.example"] * 2
 
 
 def test_starttls_required_but_not_offered_is_503_and_nothing_goes_out_in_clear(make_server, make_app):
