@@ -35,9 +35,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import Sink, free_port, prepare, stop, wait_for  # noqa: E402
-from herald_smtp.config import default_idempotency_store  # noqa: E402
-from herald_smtp.idempotency import sqlite_path  # noqa: E402
+from bench.run import Sink, free_port, fresh_sqlite, prepare, remove_sqlite, stop, wait_for  # noqa: E402
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
@@ -84,18 +82,6 @@ def workers_cpu(master):
             fields = f.read().rpartition(")")[2].split()
         seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return seconds
-
-
-def fresh_sqlite(prefix):
-    """A new SQLite file's path where the default store lives (its directory, so its filesystem)."""
-    return os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
-                        f"{prefix}-{uuid.uuid4().hex[:8]}.sqlite3")
-
-
-def remove_sqlite(path):
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
 
 
 def one_run(variant, args, workdir, env):

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
-from herald_smtp.config import load_config  # noqa: E402
+from herald_smtp.config import default_idempotency_store, load_config  # noqa: E402
+from herald_smtp.idempotency import sqlite_path  # noqa: E402
 from herald_smtp.message import MessageBuilder, SendRequest  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -91,6 +92,18 @@ def cpu_seconds(*pids) -> float:
     return total
 
 
+def fresh_sqlite(prefix):
+    """A new SQLite file's path where the default store lives (its directory, so its filesystem)."""
+    return os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
+                        f"{prefix}-{uuid.uuid4().hex[:8]}.sqlite3")
+
+
+def remove_sqlite(path):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
 def started(proc, check, what):
     """Wait until `check()` holds; a process that never gets there is stopped, not left behind."""
     try:
@@ -142,13 +155,19 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{target}-{self.port}.log"
+        # A new file each run, on the filesystem the default store uses (tmpfs here), as deployed.
+        self.store = fresh_sqlite(f"bench-{target}")
         env = {**env, "PORT": f"127.0.0.1:{self.port}", "SMTP_PORT": str(smtp_port),
-               "IDEMPOTENCY_STORE": f"sqlite://{workdir}/idempotency-{self.port}.sqlite3"}
+               "IDEMPOTENCY_STORE": f"sqlite://{self.store}"}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", TARGETS[target]],
                                          cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        started(self.proc, lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
-                f"{target} (see {self.log})")
+        try:
+            started(self.proc, lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
+                    f"{target} (see {self.log})")
+        except BaseException:
+            remove_sqlite(self.store)
+            raise
 
     def answered(self):
         """(200s, other statuses) for POST /v1/send, from the JSON access log: what clients were told."""
@@ -169,6 +188,7 @@ class Gunicorn:
 
     def stop(self):
         stop(self.proc)  # SIGTERM: in-flight requests finish, workers QUIT their SMTP sessions
+        remove_sqlite(self.store)
 
 
 def prepare(args):
