@@ -42,6 +42,7 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 API_KEY = "bench-api-key"
 SENDER = "noreply@example.com"
 TARGETS = {"herald": "app:app", "baseline": "bench.apps:baseline", "bare": "bench.apps:bare"}
+ROUNDS = ("herald", "baseline")  # measured in interleaved rounds; the ceilings run once
 LABELS = {"herald": "herald-smtp", "baseline": "baseline: connection per send",
           "bare": "HTTP ceiling: bare Flask JSON", "smtp": "SMTP ceiling: smtplib, open connections"}
 
@@ -90,6 +91,33 @@ def cpu_seconds(*pids) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def worker_pids(master: int) -> list:
+    """A gunicorn master's children: its workers."""
+    return [pid for task in Path(f"/proc/{master}/task").iterdir() for pid in (task / "children").read_text().split()]
+
+
+def workers_cpu(master: int) -> dict:
+    """CPU seconds (user + system) used so far by each of the master's workers, by pid."""
+    return {pid: cpu_seconds(pid) for pid in worker_pids(master)}
+
+
+def worker_shares(before: dict, after: dict) -> list:
+    """Each worker's share of the CPU the workers used between two workers_cpu(), busiest first."""
+    used = [after[pid] - before.get(pid, 0.0) for pid in after]
+    total = sum(used)
+    return sorted((u / total if total else 0.0 for u in used), reverse=True)
+
+
+def uneven(shares: list) -> bool:
+    """The busiest worker did more than twice the mean of the others: what a keep-alive
+    connection pile-up looks like (with 2 workers, over 2/3 of the CPU)."""
+    return len(shares) > 1 and shares[0] > 2 * (1 - shares[0]) / (len(shares) - 1)
+
+
+def shares_text(shares: list) -> str:
+    return " / ".join(f"{s:.2f}" for s in shares) + (" UNEVEN" if uneven(shares) else "")
 
 
 def fresh_sqlite(prefix):
@@ -183,8 +211,7 @@ class Gunicorn:
 
     def cpu(self) -> float:
         """The master's and the workers' CPU seconds so far."""
-        workers = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return cpu_seconds(self.proc.pid, *workers)
+        return cpu_seconds(self.proc.pid, *worker_pids(self.proc.pid))
 
     def stop(self):
         stop(self.proc)  # SIGTERM: in-flight requests finish, workers QUIT their SMTP sessions
@@ -226,8 +253,9 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
         server = Gunicorn(target, sink.port, workdir, env)
         try:
             wrk(server.url, args.warmup, args.connections)
-            cpu = server.cpu(), sink.cpu()
+            cpu, workers = (server.cpu(), sink.cpu()), workers_cpu(server.proc.pid)
             result = wrk(server.url, args.duration, args.connections)
+            result["worker_shares"] = worker_shares(workers, workers_cpu(server.proc.pid))
             # CPU per request holds up on a busy machine better than requests/s does.
             result["server_cpu_us"] = (server.cpu() - cpu[0]) / result["requests"] * 1e6
             result["sink_cpu_us"] = (sink.cpu() - cpu[1]) / result["requests"] * 1e6
@@ -237,6 +265,14 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
         result["delivered"] = sink.messages() if target != "bare" else None
     finally:
         sink.stop()
+    return result
+
+
+def measure(target: str, when: str, args, workdir: Path, env: dict) -> dict:
+    """throughput(), saying what runs and what it gave, the workers' CPU shares with it."""
+    print(f"throughput{' ' + when if when else ''}: {LABELS[target]}", flush=True)
+    result = throughput(target, args, workdir, env)
+    print(f"  {result['rps']:.0f} req/s; workers' CPU shares: {shares_text(result['worker_shares'])}", flush=True)
     return result
 
 
@@ -327,6 +363,7 @@ def median_of(rounds):
         merged[k] = sum(r.get(k) or 0 for r in rounds)
     merged["delivered"] = None if rounds[0]["delivered"] is None else sum(r["delivered"] for r in rounds)
     merged["rounds_rps"] = [round(r["rps"]) for r in rounds]
+    merged["rounds_shares"] = [r["worker_shares"] for r in rounds]
     return merged
 
 
@@ -334,7 +371,7 @@ def render(results, args, workers, threads) -> str:
     t, lat = results["throughput"], results["latency"]
     base = t.get("baseline", {}).get("rps")
     lines = [f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after {args.warmup:g} s warm-up, "
-             f"median of {args.rounds} interleaved rounds; gunicorn gthread {workers} workers x {threads} threads; "
+             f"median of {args.rounds} interleaved rounds (order rotating); gunicorn gthread {workers} workers x {threads} threads; "
              f"smtp-sink on loopback.", "",
              "| target | req/s | vs baseline | p50 ms | p99 ms | non-2xx | 200s answered | sink counted "
              "| CPU us/req (+ sink) |",
@@ -360,6 +397,14 @@ def render(results, args, workers, threads) -> str:
                 ratio = f"{r['p50_ms'] / b50:.2f}x" if b50 else "-"
                 lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
                              f"{r['p99_rt']:.2f} | {ratio} | {r['smtp_waits_per_mail']:.2f} | {r['non_2xx']} |")
+    if t:
+        lines += ["", "Each run's req/s and workers' CPU shares (each worker's part of the CPU the workers used in "
+                  "the measured run, busiest first; UNEVEN: one worker did more than twice the mean of the others).", "",
+                  "| round | " + " | ".join(LABELS[k] for k in ROUNDS) + " |", "|---|" + "---:|" * len(ROUNDS)]
+        for i in range(len(t[ROUNDS[0]]["rounds_rps"])):
+            lines.append(f"| {i + 1} | " + " | ".join(
+                f"{t[k]['rounds_rps'][i]} ({shares_text(t[k]['rounds_shares'][i])})" for k in ROUNDS) + " |")
+        lines += ["", f"{LABELS['bare']}, one run: workers' CPU shares {shares_text(t['bare']['rounds_shares'][0])}."]
     lines += ["", "Targets:"] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in targets(results)]
     return "\n".join(lines) + "\n"
 
@@ -411,18 +456,16 @@ def main():
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Logs, sink counters and stores of this run; kept (git-ignored) if the run fails.
+    # Logs and sink counters of this run; kept (git-ignored) if the run fails.
     workdir = Path(tempfile.mkdtemp(prefix="run-", suffix=".tmp", dir=out))
     try:
         if args.only != "latency":
-            rounds = {"herald": [], "baseline": []}
+            rounds = {k: [] for k in ROUNDS}
             for i in range(args.rounds):
-                for target in rounds:
-                    print(f"throughput round {i + 1}/{args.rounds}: {LABELS[target]}", flush=True)
-                    rounds[target].append(throughput(target, args, workdir, env))
+                for target in ROUNDS[i % len(ROUNDS):] + ROUNDS[:i % len(ROUNDS)]:  # order rotating
+                    rounds[target].append(measure(target, f"round {i + 1}/{args.rounds}", args, workdir, env))
             results["throughput"] = {k: median_of(v) for k, v in rounds.items()}
-            print(f"throughput: {LABELS['bare']}", flush=True)
-            results["throughput"]["bare"] = median_of([throughput("bare", args, workdir, env)])
+            results["throughput"]["bare"] = median_of([measure("bare", "", args, workdir, env)])
             print(f"throughput: {LABELS['smtp']}", flush=True)
             results["throughput"]["smtp"] = smtp_ceiling(args, workdir, workers, threads)
         if args.only != "throughput":
