@@ -35,7 +35,7 @@ load: install
 	HERALD_LOAD_REQUESTS=$(LOAD_REQUESTS) HERALD_LOAD_CLIENTS=$(LOAD_CLIENTS) \
 	$(BIN)/python -m pytest -q -s -p no:logging tests/test_load.py $(PYTEST_ARGS)
 
-# herald-smtp against a connection-per-send relay, side by side (a few minutes; not a test).
+# herald-smtp against two connection-per-send relays (by hand, Flask-Mail), side by side (a few minutes; not a test).
 # Installs wrk and Postfix's smtp-sink with apt-get when missing. Options: BENCH_ARGS=--help.
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
