@@ -372,27 +372,31 @@ def median_of(rounds):
     return merged
 
 
+def table(caption: str, columns: list) -> list:
+    """A caption and a Markdown table's head: the first column left-aligned, the figures right."""
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+
+
 def render(results, args, workers, threads) -> str:
     t, lat = results["throughput"], results["latency"]
     lines = []
     if t:
         base = t["baseline"]["rps"]
-        lines += [f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after {args.warmup:g} s "
-                  f"warm-up, median of {args.rounds} interleaved rounds (order rotating); "
-                  f"gunicorn gthread {workers} workers x {threads} threads; smtp-sink on loopback.", "",
-                  "| target | req/s | vs connection per send | p50 ms | p99 ms | non-2xx | 200s answered "
-                  "| sink counted | CPU us/req (+ sink) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += table(f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after "
+                       f"{args.warmup:g} s warm-up, median of {args.rounds} interleaved rounds (order rotating); "
+                       f"gunicorn gthread {workers} workers x {threads} threads; smtp-sink on loopback.",
+                       ["target", "req/s", "vs connection per send", "p50 ms", "p99 ms", "non-2xx", "200s answered",
+                        "sink counted", "CPU us/req (+ sink)"])
         for key in (*ROUNDS, "bare", "smtp"):
             r = t[key]
             sink = "-" if r["delivered"] is None else str(r["delivered"])
             cpu = f"{r['server_cpu_us']:.0f}" + ("" if r["sink_cpu_us"] is None else f" (+ {r['sink_cpu_us']:.0f})")
             lines.append(f"| {LABELS[key]} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['non_2xx']} | {r['ok']} | {sink} | {cpu} |")
-        lines += ["", "Each run's req/s and workers' CPU shares (each worker's part of the CPU the workers used in the "
-                  "measured run, busiest first; UNEVEN: one worker did more than twice the mean of the others).", "",
-                  "| round | " + " | ".join(LABELS[k] for k in ROUNDS) + " | herald-smtp / Flask-Mail |",
-                  "|---|" + "---:|" * (len(ROUNDS) + 1)]
+        lines += [""] + table("Each run's req/s and workers' CPU shares (each worker's part of the CPU the workers "
+                              "used in the measured run, busiest first; UNEVEN: one worker did more than twice the "
+                              "mean of the others).",
+                              ["round", *(LABELS[k] for k in ROUNDS), "herald-smtp / Flask-Mail"])
         ratios = results["vs_flaskmail"]
         for i, ratio in enumerate(ratios):
             lines.append(f"| {i + 1} | " + " | ".join(
@@ -404,12 +408,11 @@ def render(results, args, workers, threads) -> str:
                   ""]
     if lat:
         b50 = lat["baseline"]["p50_ms"]
-        lines += [f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), every SMTP "
-                  f"reply delayed {args.delay_ms:g} ms (one round trip); "
-                  f"gunicorn {workers} workers x {threads} threads.", "",
-                  "| target | p50 ms | p99 ms | p50 round trips | p99 round trips | p50 vs connection per send | "
-                  "SMTP waits per mail | non-2xx |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += table(f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), "
+                       f"every SMTP reply delayed {args.delay_ms:g} ms (one round trip); "
+                       f"gunicorn {workers} workers x {threads} threads.",
+                       ["target", "p50 ms", "p99 ms", "p50 round trips", "p99 round trips",
+                        "p50 vs connection per send", "SMTP waits per mail", "non-2xx"])
         for key in ROUNDS:
             r = lat[key]
             lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
