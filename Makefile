@@ -35,9 +35,9 @@ load: install
 	HERALD_LOAD_REQUESTS=$(LOAD_REQUESTS) HERALD_LOAD_CLIENTS=$(LOAD_CLIENTS) \
 	$(BIN)/python -m pytest -q -s -p no:logging tests/test_load.py $(PYTEST_ARGS)
 
-# herald-smtp against a connection-per-send relay, side by side (a few minutes; not a test).
-# Needs wrk and Postfix's smtp-sink: as root it installs them with apt-get when missing, otherwise
-# it prints the command to run. Options: BENCH_ARGS=--help.
+# herald-smtp against two connection-per-send apps (by hand, and Flask-Mail), side by side (a few
+# minutes; not a test). Needs wrk and Postfix's smtp-sink: as root it installs them with apt-get
+# when missing, otherwise it prints the command to run. Options: BENCH_ARGS=--help.
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -1,15 +1,20 @@
 """The apps herald-smtp is compared with, served by the same gunicorn.conf.py (same workers,
 threads and access log): `gunicorn -c gunicorn.conf.py bench.apps:baseline`.
 
-baseline: a minimal Flask + smtplib relay as most Flask users write it (the Flask-Mail pattern):
-a new SMTP connection for every email (greeting, EHLO, MAIL, RCPT, DATA, QUIT), the message
-built with EmailMessage. No validation, idempotency store or app logging: less work than ours.
+baseline: a minimal Flask + smtplib relay as most Flask users write it by hand: a new SMTP
+connection for every email (greeting, EHLO, MAIL, RCPT, DATA, QUIT), the message built with
+EmailMessage. No validation, idempotency store or app logging: less work than ours.
+flaskmail: the same relay written with Flask-Mail as its docs show (`Mail(app)`, `Message(...)`,
+`mail.send(msg)`): the peer a user would pick, also one SMTP connection per send, the message
+built with email.mime. It checks X-API-Key as Herald's requests need; a failed send is Flask's
+plain 500, not the contract's envelope (the benchmark never sees one).
 bare: the same route answering without sending, the HTTP ceiling of this gunicorn setup.
 floor(writes): herald-smtp itself, its SQLite store cut down to the bare writes of a new key
 (bench/idempotency_bench.py --floor): what any store of this layout costs before its own logic;
 floor(0) writes nothing, which leaves what a key costs outside the store (fingerprint, checks).
 """
 
+import hmac
 import os
 import smtplib
 import time
@@ -17,6 +22,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from flask import Flask, request
+from flask_mail import Mail, Message
 
 from herald_smtp import create_app
 from herald_smtp.idempotency import NEW, SQLiteStore
@@ -24,6 +30,7 @@ from herald_smtp.idempotency import NEW, SQLiteStore
 SMTP_HOST = os.environ.get("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = int(os.environ.get("SMTP_PORT", "25"))
 SMTP_FROM = os.environ.get("SMTP_FROM", "noreply@example.com")
+API_KEY = os.environ.get("API_KEY", "")
 
 
 def _app():
@@ -34,6 +41,9 @@ def _app():
 
 baseline = _app()
 bare = _app()
+flaskmail = _app()
+flaskmail.config.update(MAIL_SERVER=SMTP_HOST, MAIL_PORT=SMTP_PORT, MAIL_DEFAULT_SENDER=SMTP_FROM)
+mail = Mail(flaskmail)
 
 
 @baseline.post("/v1/send")
@@ -49,6 +59,18 @@ def send():
     with smtplib.SMTP(SMTP_HOST, SMTP_PORT, timeout=30) as smtp:  # QUIT on leaving
         smtp.send_message(msg)
     return {"ok": True, "message_id": request.headers.get("Idempotency-Key"), "provider": "smtp"}
+
+
+@flaskmail.post("/v1/send")
+def send_with_flask_mail():
+    if not hmac.compare_digest(request.headers.get("X-API-Key", ""), API_KEY):
+        return {"ok": False, "error_code": "unauthorized", "error_message": "invalid API key"}, 401
+    data = request.get_json()
+    code = (data.get("params") or {}).get("code")
+    msg = Message(subject=data.get("subject") or "Verification code", recipients=[data["to"]],
+                  body=data.get("body") or f"Your verification code is: {code}")
+    mail.send(msg)  # connect, EHLO, MAIL, RCPT, DATA, QUIT
+    return {"ok": True, "message_id": request.headers.get("Idempotency-Key") or msg.msgId, "provider": "smtp"}
 
 
 @bare.post("/v1/send")

@@ -35,9 +35,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.run import Sink, free_port, prepare, stop, wait_for  # noqa: E402
-from herald_smtp.config import default_idempotency_store  # noqa: E402
-from herald_smtp.idempotency import sqlite_path  # noqa: E402
+from bench.run import (Sink, free_port, fresh_sqlite, prepare, remove_sqlite, stop, wait_for,  # noqa: E402
+                       worker_pids, workers_cpu)
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
@@ -58,10 +57,6 @@ def wrk(url, seconds, connections, keyed, cpu=None):
             "p99_ms": r["p99_us"] / 1000, "socket_errors": r["socket_errors"]}
 
 
-def worker_pids(master):
-    return subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-
-
 CPUS = sorted(os.sched_getaffinity(0))
 
 
@@ -74,28 +69,6 @@ def pin(master, sink):
         for tid in os.listdir(f"/proc/{pid}/task"):
             os.sched_setaffinity(int(tid), {CPUS[i % len(CPUS)]})
     os.sched_setaffinity(sink.proc.pid, {CPUS[0]})
-
-
-def workers_cpu(master):
-    """CPU seconds (user + system) used so far by each of the master's worker processes."""
-    seconds = {}
-    for pid in worker_pids(master):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    return seconds
-
-
-def fresh_sqlite(prefix):
-    """A new SQLite file's path where the default store lives (its directory, so its filesystem)."""
-    return os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
-                        f"{prefix}-{uuid.uuid4().hex[:8]}.sqlite3")
-
-
-def remove_sqlite(path):
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
 
 
 def one_run(variant, args, workdir, env):

@@ -1,13 +1,16 @@
 """herald-smtp benchmark, side by side in one run: `make bench` (options: `bench/run.py --help`).
 
 Throughput: wrk (bench/send.lua, a unique Idempotency-Key per request) against
-  - herald-smtp under its own gunicorn.conf.py,
+  - herald-smtp under its own gunicorn.conf.py, with the default settings,
   - the connection-per-send baseline (bench/apps.py:baseline, same gunicorn.conf.py),
+  - the Flask-Mail app a user would write instead (bench/apps.py:flaskmail, same gunicorn.conf.py),
+    these three in interleaved rounds, herald-smtp's req/s over Flask-Mail's given per round,
   - a bare Flask JSON endpoint (bench/apps.py:bare): the HTTP ceiling,
 each sending to Postfix's smtp-sink, whose message count is checked against the 200s the
-server logged; and smtplib straight to the sink on open connections: the SMTP ceiling.
+server logged; and smtplib straight to the sink on open connections: the SMTP ceiling. Every
+gunicorn run also gives each worker's share of the workers' CPU.
 Latency: sequential requests through an SMTP server that delays every reply
-(bench/delay_smtp.py), for herald-smtp and the baseline, also in round trips.
+(bench/delay_smtp.py), for herald-smtp and both baselines, also in round trips.
 Prints the tables and writes them to bench/results/latest.md and latest.json.
 """
 
@@ -34,14 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
-from herald_smtp.config import load_config  # noqa: E402
+from herald_smtp.config import default_idempotency_store, load_config  # noqa: E402
+from herald_smtp.idempotency import sqlite_path  # noqa: E402
 from herald_smtp.message import MessageBuilder, SendRequest  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 API_KEY = "bench-api-key"
 SENDER = "noreply@example.com"
-TARGETS = {"herald": "app:app", "baseline": "bench.apps:baseline", "bare": "bench.apps:bare"}
-LABELS = {"herald": "herald-smtp", "baseline": "baseline: connection per send",
+TARGETS = {"herald": "app:app", "baseline": "bench.apps:baseline", "flaskmail": "bench.apps:flaskmail",
+           "bare": "bench.apps:bare"}
+ROUNDS = ("herald", "baseline", "flaskmail")  # measured in interleaved rounds; the ceilings run once
+LABELS = {"herald": "herald-smtp", "baseline": "baseline: connection per send", "flaskmail": "baseline: Flask-Mail",
           "bare": "HTTP ceiling: bare Flask JSON", "smtp": "SMTP ceiling: smtplib, open connections"}
 
 
@@ -89,6 +95,45 @@ def cpu_seconds(*pids) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def worker_pids(master: int) -> list:
+    """A gunicorn master's children: its workers."""
+    return [pid for task in Path(f"/proc/{master}/task").iterdir() for pid in (task / "children").read_text().split()]
+
+
+def workers_cpu(master: int) -> dict:
+    """CPU seconds (user + system) used so far by each of the master's workers, by pid."""
+    return {pid: cpu_seconds(pid) for pid in worker_pids(master)}
+
+
+def worker_shares(before: dict, after: dict) -> list:
+    """Each worker's share of the CPU the workers used between two workers_cpu(), busiest first."""
+    used = [after[pid] - before.get(pid, 0.0) for pid in after]
+    total = sum(used)
+    return sorted((u / total if total else 0.0 for u in used), reverse=True)
+
+
+def uneven(shares: list) -> bool:
+    """The busiest worker did more than twice the mean of the others: what a keep-alive
+    connection pile-up looks like (with 2 workers, over 2/3 of the CPU)."""
+    return len(shares) > 1 and shares[0] > 2 * (1 - shares[0]) / (len(shares) - 1)
+
+
+def shares_text(shares: list) -> str:
+    return " / ".join(f"{s:.2f}" for s in shares) + (" UNEVEN" if uneven(shares) else "")
+
+
+def fresh_sqlite(prefix):
+    """A new SQLite file's path where the default store lives (its directory, so its filesystem)."""
+    return os.path.join(os.path.dirname(sqlite_path(default_idempotency_store({}))),
+                        f"{prefix}-{uuid.uuid4().hex[:8]}.sqlite3")
+
+
+def remove_sqlite(path):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
 
 
 def started(proc, check, what):
@@ -142,13 +187,20 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{target}-{self.port}.log"
+        # A new file each run, on the filesystem the default store uses (tmpfs here), as deployed.
+        self.store = fresh_sqlite(f"bench-{target}")
         env = {**env, "PORT": f"127.0.0.1:{self.port}", "SMTP_PORT": str(smtp_port),
-               "IDEMPOTENCY_STORE": f"sqlite://{workdir}/idempotency-{self.port}.sqlite3"}
+               "IDEMPOTENCY_STORE": f"sqlite://{self.store}"}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", TARGETS[target]],
                                          cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        started(self.proc, lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
-                f"{target} (see {self.log})")
+        try:
+            started(self.proc,
+                    lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
+                    f"{target} (see {self.log})")
+        except BaseException:
+            remove_sqlite(self.store)
+            raise
 
     def answered(self):
         """(200s, other statuses) for POST /v1/send, from the JSON access log: what clients were told."""
@@ -164,11 +216,11 @@ class Gunicorn:
 
     def cpu(self) -> float:
         """The master's and the workers' CPU seconds so far."""
-        workers = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return cpu_seconds(self.proc.pid, *workers)
+        return cpu_seconds(self.proc.pid, *worker_pids(self.proc.pid))
 
     def stop(self):
         stop(self.proc)  # SIGTERM: in-flight requests finish, workers QUIT their SMTP sessions
+        remove_sqlite(self.store)
 
 
 def prepare(args):
@@ -206,8 +258,9 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
         server = Gunicorn(target, sink.port, workdir, env)
         try:
             wrk(server.url, args.warmup, args.connections)
-            cpu = server.cpu(), sink.cpu()
+            cpu, workers = (server.cpu(), sink.cpu()), workers_cpu(server.proc.pid)
             result = wrk(server.url, args.duration, args.connections)
+            result["worker_shares"] = worker_shares(workers, workers_cpu(server.proc.pid))
             # CPU per request holds up on a busy machine better than requests/s does.
             result["server_cpu_us"] = (server.cpu() - cpu[0]) / result["requests"] * 1e6
             result["sink_cpu_us"] = (sink.cpu() - cpu[1]) / result["requests"] * 1e6
@@ -217,6 +270,14 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
         result["delivered"] = sink.messages() if target != "bare" else None
     finally:
         sink.stop()
+    return result
+
+
+def measure(target: str, when: str, args, workdir: Path, env: dict) -> dict:
+    """throughput(), saying what runs and what it gave, the workers' CPU shares with it."""
+    print(f"throughput{' ' + when if when else ''}: {LABELS[target]}", flush=True)
+    result = throughput(target, args, workdir, env)
+    print(f"  {result['rps']:.0f} req/s; workers' CPU shares: {shares_text(result['worker_shares'])}", flush=True)
     return result
 
 
@@ -307,40 +368,58 @@ def median_of(rounds):
         merged[k] = sum(r.get(k) or 0 for r in rounds)
     merged["delivered"] = None if rounds[0]["delivered"] is None else sum(r["delivered"] for r in rounds)
     merged["rounds_rps"] = [round(r["rps"]) for r in rounds]
+    merged["rounds_shares"] = [r["worker_shares"] for r in rounds]
     return merged
+
+
+def table(caption: str, columns: list) -> list:
+    """A caption and a Markdown table's head: the first column left-aligned, the figures right."""
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
 
 
 def render(results, args, workers, threads) -> str:
     t, lat = results["throughput"], results["latency"]
-    base = t.get("baseline", {}).get("rps")
-    lines = [f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after {args.warmup:g} s warm-up, "
-             f"median of {args.rounds} interleaved rounds; gunicorn gthread {workers} workers x {threads} threads; "
-             f"smtp-sink on loopback.", "",
-             "| target | req/s | vs baseline | p50 ms | p99 ms | non-2xx | 200s answered | sink counted "
-             "| CPU us/req (+ sink) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key in ("herald", "baseline", "bare", "smtp"):
-        if key in t:
+    lines = []
+    if t:
+        base = t["baseline"]["rps"]
+        lines += table(f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after "
+                       f"{args.warmup:g} s warm-up, median of {args.rounds} interleaved rounds (order rotating); "
+                       f"gunicorn gthread {workers} workers x {threads} threads; smtp-sink on loopback.",
+                       ["target", "req/s", "vs connection per send", "p50 ms", "p99 ms", "non-2xx", "200s answered",
+                        "sink counted", "CPU us/req (+ sink)"])
+        for key in (*ROUNDS, "bare", "smtp"):
             r = t[key]
-            ratio = f"{r['rps'] / base:.2f}x" if base else "-"
             sink = "-" if r["delivered"] is None else str(r["delivered"])
             cpu = f"{r['server_cpu_us']:.0f}" + ("" if r["sink_cpu_us"] is None else f" (+ {r['sink_cpu_us']:.0f})")
-            lines.append(f"| {LABELS[key]} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                         f"{r['non_2xx']} | {r['ok']} | {sink} | {cpu} |")
+            lines.append(f"| {LABELS[key]} | {r['rps']:.0f} | {r['rps'] / base:.2f}x | {r['p50_ms']:.1f} | "
+                         f"{r['p99_ms']:.1f} | {r['non_2xx']} | {r['ok']} | {sink} | {cpu} |")
+        lines += [""] + table("Each run's req/s and workers' CPU shares (each worker's part of the CPU the workers "
+                              "used in the measured run, busiest first; UNEVEN: one worker did more than twice the "
+                              "mean of the others).",
+                              ["round", *(LABELS[k] for k in ROUNDS), "herald-smtp / Flask-Mail"])
+        ratios = results["vs_flaskmail"]
+        for i, ratio in enumerate(ratios):
+            lines.append(f"| {i + 1} | " + " | ".join(
+                f"{t[k]['rounds_rps'][i]} ({shares_text(t[k]['rounds_shares'][i])})" for k in ROUNDS) +
+                f" | {ratio:.2f}x |")
+        lines.append("| median | " + " | ".join(f"{t[k]['rps']:.0f}" for k in ROUNDS) +
+                     f" | {statistics.median(ratios):.2f}x |")
+        lines += ["", f"{LABELS['bare']}, one run: workers' CPU shares {shares_text(t['bare']['rounds_shares'][0])}.",
+                  ""]
     if lat:
-        b50 = lat.get("baseline", {}).get("p50_ms")
-        lines += ["", f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), every SMTP "
-                  f"reply delayed {args.delay_ms:g} ms (one round trip); gunicorn {workers} workers x {threads} threads.", "",
-                  "| target | p50 ms | p99 ms | p50 round trips | p99 round trips | vs baseline p50 | "
-                  "SMTP waits per mail | non-2xx |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for key in ("herald", "baseline"):
-            if key in lat:
-                r = lat[key]
-                ratio = f"{r['p50_ms'] / b50:.2f}x" if b50 else "-"
-                lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
-                             f"{r['p99_rt']:.2f} | {ratio} | {r['smtp_waits_per_mail']:.2f} | {r['non_2xx']} |")
-    lines += ["", "Targets:"] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in targets(results)]
+        b50 = lat["baseline"]["p50_ms"]
+        lines += table(f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), "
+                       f"every SMTP reply delayed {args.delay_ms:g} ms (one round trip); "
+                       f"gunicorn {workers} workers x {threads} threads.",
+                       ["target", "p50 ms", "p99 ms", "p50 round trips", "p99 round trips",
+                        "p50 vs connection per send", "SMTP waits per mail", "non-2xx"])
+        for key in ROUNDS:
+            r = lat[key]
+            lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
+                         f"{r['p99_rt']:.2f} | {r['p50_ms'] / b50:.2f}x | {r['smtp_waits_per_mail']:.2f} | "
+                         f"{r['non_2xx']} |")
+        lines.append("")
+    lines += ["Targets:"] + [f"- {'PASS' if ok else 'FAIL'}: {what}" for what, ok in targets(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -349,15 +428,22 @@ def targets(results):
     checks = []
     if "herald" in t and "baseline" in t:
         h, b = t["herald"], t["baseline"]
-        checks.append((f"throughput {h['rps'] / b['rps']:.2f}x the baseline (>= 2x)", h["rps"] >= 2 * b["rps"]))
+        checks.append((f"throughput {h['rps'] / b['rps']:.2f}x the connection-per-send baseline (>= 2x)",
+                       h["rps"] >= 2 * b["rps"]))
         checks.append((f"herald-smtp non-2xx: {h['non_2xx']} (0)", h["non_2xx"] == 0 and h["wrk_errors"] == 0))
         checks.append((f"every 200 delivered: {h['ok']} answered, {h['delivered']} counted by the sink",
                        h["ok"] == h["delivered"]))
+    if results.get("vs_flaskmail"):
+        ratios = results["vs_flaskmail"]
+        median = statistics.median(ratios)
+        checks.append((f"herald-smtp / Flask-Mail, median of {len(ratios)} rounds: {median:.2f}x "
+                       f"(>= 2.0x, judged over 5 or more rounds)", median >= 2.0 and len(ratios) >= 5))
+        checks.append((f"herald-smtp / Flask-Mail, lowest round: {min(ratios):.2f}x (>= 1.7x)", min(ratios) >= 1.7))
     if "herald" in lat and "baseline" in lat:
         h, b = lat["herald"], lat["baseline"]
         checks.append((f"p50 with {results['delay_ms']:g} ms replies: {h['p50_rt']:.2f} round trips (<= 4.5)",
                        h["p50_rt"] <= 4.5))
-        checks.append((f"p50 {h['p50_ms'] / b['p50_ms']:.2f}x the baseline's (< 0.55x)",
+        checks.append((f"p50 {h['p50_ms'] / b['p50_ms']:.2f}x the connection-per-send baseline's (< 0.55x)",
                        h["p50_ms"] < 0.55 * b["p50_ms"]))
     return checks
 
@@ -375,7 +461,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved herald/baseline rounds (5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of herald-smtp and both baselines (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
     parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
@@ -385,28 +472,29 @@ def main():
     args = parser.parse_args()
 
     workers, threads, env = prepare(args)
-    results = {"throughput": {}, "latency": {}, "delay_ms": args.delay_ms, "workers": workers, "threads": threads,
-               "cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "commit": commit(),
+    # vs_flaskmail: herald-smtp's req/s over the Flask-Mail app's, one per round.
+    results = {"throughput": {}, "vs_flaskmail": [], "latency": {}, "delay_ms": args.delay_ms, "workers": workers,
+               "threads": threads, "cpus": os.cpu_count(), "python": sys.version.split()[0], "commit": commit(),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Logs, sink counters and stores of this run; kept (git-ignored) if the run fails.
+    # Logs and sink counters of this run; kept (git-ignored) if the run fails.
     workdir = Path(tempfile.mkdtemp(prefix="run-", suffix=".tmp", dir=out))
     try:
         if args.only != "latency":
-            rounds = {"herald": [], "baseline": []}
+            rounds = {k: [] for k in ROUNDS}
             for i in range(args.rounds):
-                for target in rounds:
-                    print(f"throughput round {i + 1}/{args.rounds}: {LABELS[target]}", flush=True)
-                    rounds[target].append(throughput(target, args, workdir, env))
+                for target in ROUNDS[i % len(ROUNDS):] + ROUNDS[:i % len(ROUNDS)]:  # order rotating
+                    rounds[target].append(measure(target, f"round {i + 1}/{args.rounds}", args, workdir, env))
+                results["vs_flaskmail"].append(rounds["herald"][i]["rps"] / rounds["flaskmail"][i]["rps"])
+                print(f"round {i + 1}/{args.rounds}: herald-smtp / Flask-Mail {results['vs_flaskmail'][-1]:.2f}x",
+                      flush=True)
             results["throughput"] = {k: median_of(v) for k, v in rounds.items()}
-            print(f"throughput: {LABELS['bare']}", flush=True)
-            results["throughput"]["bare"] = median_of([throughput("bare", args, workdir, env)])
+            results["throughput"]["bare"] = median_of([measure("bare", "", args, workdir, env)])
             print(f"throughput: {LABELS['smtp']}", flush=True)
             results["throughput"]["smtp"] = smtp_ceiling(args, workdir, workers, threads)
         if args.only != "throughput":
-            for target in ("herald", "baseline"):
+            for target in ROUNDS:
                 print(f"latency: {LABELS[target]}", flush=True)
                 results["latency"][target] = latency(target, args, workdir, env)
     except BaseException:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.idempotency_bench import fresh_sqlite, remove_sqlite  # noqa: E402
-from bench.run import Sink, bench_env, ensure_tools  # noqa: E402
+from bench.run import Sink, bench_env, ensure_tools, fresh_sqlite, remove_sqlite  # noqa: E402
 from herald_smtp import create_app  # noqa: E402
 from herald_smtp.idempotency import SQLiteStore  # noqa: E402
 
