@@ -3,7 +3,8 @@
 One thread per connection; PIPELINING on request. `fault(step, action)` makes the server misbehave at a step
 (greeting, ehlo, starttls, handshake, tls-ehlo, auth, mail, rcpt, data, message, dot, rset, quit) until
 `heal()`, or `times` times. "handshake" is the TLS handshake after STARTTLS's 220, "tls-ehlo" the EHLO after
-it, "message" the reading of the data after DATA's 354. Actions:
+it, "message" the reading of the data after DATA's 354 or of a BDAT chunk, "dot" the reply to the data
+(after the final dot, or to BDAT LAST). Actions:
   "close"  drop the connection without a reply
   "stall"  stop answering, or at "message" stop reading the data (until the client gives up and closes)
   "dribble"  send the usual reply one byte every DRIBBLE_SECONDS
@@ -32,9 +33,12 @@ DRIBBLE_SECONDS = 0.4
 
 
 class FaultServer:
-    def __init__(self, certs=None, auth=False, pipelining=False, rcvbuf=None):
+    def __init__(self, certs=None, auth=False, pipelining=False, rcvbuf=None, chunking=False,
+                 bdat_without_recipients=False):
         self.certs, self.auth = certs, auth  # certs: offer STARTTLS with this trustme CA
         self.pipelining = pipelining  # offer PIPELINING: the client sends MAIL, RCPT and DATA at once
+        self.chunking = chunking  # offer CHUNKING: the message may come by BDAT (its final reply is "dot")
+        self.bdat_without_recipients = bdat_without_recipients  # a broken server: 250 to BDAT after every RCPT was refused
         self.received, self.accepted = [], []
         self.recipients = []  # RCPT addresses per accepted message
         self.sessions = 0
@@ -160,7 +164,7 @@ class FaultServer:
         rfile = conn.makefile("rb")
         if not self._answer(conn, "greeting"):
             return
-        tls, greeted, mail_from, rcpts = False, False, None, []
+        tls, greeted, mail_from, rcpts, chunks = False, False, None, [], []
         while True:
             line = rfile.readline(4096)
             if not line:
@@ -171,7 +175,8 @@ class FaultServer:
             if verb in (b"EHLO", b"HELO"):
                 lines = (["fault.example"] + (["STARTTLS"] if self.certs and not tls else [])
                          + (["AUTH PLAIN LOGIN"] if self.auth else [])
-                         + (["PIPELINING"] if self.pipelining else []) + ["8BITMIME"])
+                         + (["PIPELINING"] if self.pipelining else []) + (["CHUNKING"] if self.chunking else [])
+                         + ["8BITMIME"])
                 ehlo = "\r\n".join(f"250{' ' if i == len(lines) - 1 else '-'}{x}" for i, x in enumerate(lines))
                 outcome = self._answer(conn, "tls-ehlo" if tls else "ehlo", ehlo)
                 if outcome is None:
@@ -240,8 +245,34 @@ class FaultServer:
                 if self._answer(conn, "dot", on_ok=accept) is None:
                     return
                 mail_from, rcpts = None, []
-            elif verb == b"RSET":
+            elif verb == b"BDAT":
+                size, last = int(line.split()[1]), line.split()[-1].upper() == b"LAST"
+                if self._take("message") == "stall":
+                    self._stall_reading()
+                    return
+                chunk = rfile.read(size)
+                if len(chunk) < size:
+                    return
+                if (mail_from is None or not rcpts) and not self.bdat_without_recipients:
+                    conn.sendall(b"554 5.5.1 no valid recipients\r\n")  # RFC 3030: the chunk is discarded
+                    mail_from, rcpts, chunks = None, [], []
+                    continue
+                chunks.append(chunk)
+                if not last:
+                    conn.sendall(b"250 2.0.0 chunk received\r\n")
+                    continue
+                message, chunks = b"".join(chunks), []
+                self.received.append(message)
+
+                def accept(message=message, rcpts=rcpts):
+                    self.accepted.append(message)
+                    self.recipients.append(rcpts)
+
+                if self._answer(conn, "dot", on_ok=accept) is None:
+                    return
                 mail_from, rcpts = None, []
+            elif verb == b"RSET":
+                mail_from, rcpts, chunks = None, [], []
                 if self._answer(conn, "rset") is None:
                     return
             elif verb == b"NOOP":
