@@ -78,6 +78,20 @@ def test_port_forms(port, bind):
     ({"SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE"),
     ({"SMTP_HOST": "smtp.example.com", "SMTP_USER": "u", "SMTP_PASSWORD": "pw",
       "SMTP_USE_TLS": "false", "SMTP_USE_STARTTLS": "false"}, "SMTP_USER"),
+    ({"SMTP_RELAY_COOLDOWN_SECONDS": "half a minute"}, "SMTP_RELAY_COOLDOWN_SECONDS"),
+    ({"SMTP_CHUNKING": "perhaps"}, "SMTP_CHUNKING"),
+    # A fallback is checked as the primary is, and named by its own variables.
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_PORT": "x"}, "SMTP_FALLBACK_1_PORT"),
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_USE_TLS": "true"}, "SMTP_FALLBACK_1_USE_TLS"),
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_USER": "u", "SMTP_FALLBACK_1_PASSWORD": "pw",
+      "SMTP_FALLBACK_1_USE_STARTTLS": "false"}, "SMTP_FALLBACK_1_USER"),
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_FALLBACK_1_CA_FILE"),
+    ({"SMTP_FALLBACK_1_HOST": "b.example\r\nx"}, "SMTP_FALLBACK_1_HOST"),
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_PASSWORD_FILE": "/nonexistent/pw"},
+     "SMTP_FALLBACK_1_PASSWORD_FILE"),
+    ({"SMTP_FALLBACK_2_HOST": "c.example"}, "SMTP_FALLBACK_2_HOST"),  # no fallback 1: a gap
+    ({"SMTP_FALLBACK_1_PORT": "2525"}, "SMTP_FALLBACK_1_PORT"),  # no host: not silently ignored
+    ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_USERNAME": "u"}, "SMTP_FALLBACK_1_USERNAME"),
 ])
 def test_bad_value_raises_config_error_naming_the_variable(env, variable):
     with pytest.raises(ConfigError) as exc:
@@ -91,6 +105,24 @@ def test_a_ca_file_without_a_certificate_names_the_variable(tmp_path):
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError, match=r"^SMTP_CA_FILE: cannot load the file \(no PEM certificate in it\)$"):
         load_config({"SMTP_CA_FILE": str(tmp_path / "ca.pem")})
+
+
+def test_fallback_relays_take_the_primarys_settings_under_their_own_prefix(tmp_path):
+    (tmp_path / "pw").write_text("second-password\n")
+    cfg = load_config({
+        "SMTP_HOST": "smtp.main.example", "SMTP_HELO_NAME": "mx.example.org",
+        "SMTP_FALLBACK_1_HOST": "smtp.second.example", "SMTP_FALLBACK_1_PORT": "465",
+        "SMTP_FALLBACK_1_USE_TLS": "true", "SMTP_FALLBACK_1_USE_STARTTLS": "false",
+        "SMTP_FALLBACK_1_USER": "second", "SMTP_FALLBACK_1_PASSWORD_FILE": str(tmp_path / "pw"),
+        "SMTP_FALLBACK_2_HOST": "127.0.0.1", "SMTP_FALLBACK_2_PORT": "2525", "SMTP_FALLBACK_2_USE_STARTTLS": "false",
+        "SMTP_FALLBACK_2_HELO_NAME": "relay.local",
+    })
+    assert [(r.name, r.host, r.port, r.use_tls, r.use_starttls, r.user, r.password, r.helo_name) for r in cfg.relays] == [
+        ("primary", "smtp.main.example", 587, False, True, "", "", "mx.example.org"),
+        ("fallback-1", "smtp.second.example", 465, True, False, "second", "second-password", "mx.example.org"),
+        ("fallback-2", "127.0.0.1", 2525, False, False, "", "", "relay.local"),
+    ]
+    assert "second-password" not in repr(cfg)
 
 
 def test_bad_value_stops_the_app_factory():
