@@ -1,9 +1,9 @@
 """An SMTP sink whose every reply arrives a set time after the command that caused it.
 
-`python bench/delay_smtp.py PORT DELAY_MS`. It models a relay across a WAN: the delay is on the
-wire, not in the server, so commands the client pipelines (RFC 2920; PIPELINING is offered)
-are answered together one delay later, and the number of waits the client makes is the number
-of round trips. On SIGTERM it prints {"sessions", "messages", "turns"} as one JSON line: a turn
+`python bench/delay_smtp.py PORT DELAY_MS [chunking]`. It models a relay across a WAN: the delay
+is on the wire, not in the server, so commands the client pipelines (RFC 2920; PIPELINING is
+offered) are answered together one delay later, and the number of waits the client makes is the
+number of round trips. With `chunking` it offers CHUNKING (RFC 3030) too and takes BDAT. On SIGTERM it prints {"sessions", "messages", "turns"} as one JSON line: a turn
 is one such wait (the greeting, or a batch of commands read at once).
 """
 
@@ -16,10 +16,11 @@ stats = {"sessions": 0, "messages": 0, "turns": 0}
 
 
 class DelayedSMTP(asyncio.Protocol):
-    def __init__(self, delay: float):
-        self.delay = delay
+    def __init__(self, delay: float, chunking: bool):
+        self.delay, self.chunking = delay, chunking
         self.buffer = b""
         self.in_data = False
+        self.chunk_left, self.last_chunk = 0, False  # bytes of a BDAT chunk still to come
         self.due = 0.0
 
     def connection_made(self, transport):
@@ -31,6 +32,15 @@ class DelayedSMTP(asyncio.Protocol):
         self.buffer += data
         replies = []
         while True:
+            if self.chunk_left:
+                taken = min(self.chunk_left, len(self.buffer))
+                self.buffer, self.chunk_left = self.buffer[taken:], self.chunk_left - taken
+                if self.chunk_left:
+                    break
+                if self.last_chunk:
+                    stats["messages"] += 1
+                replies.append(b"250 2.0.0 Ok: queued" if self.last_chunk else b"250 2.0.0 Ok: chunk")
+                continue
             line, sep, rest = self.buffer.partition(b"\r\n")
             if not sep:
                 break
@@ -41,13 +51,21 @@ class DelayedSMTP(asyncio.Protocol):
                     stats["messages"] += 1
                     replies.append(b"250 2.0.0 Ok: queued")
                 continue
+            if line[:5].upper() == b"BDAT ":
+                words = line.split()
+                self.chunk_left, self.last_chunk = int(words[1]), words[-1].upper() == b"LAST"
+                if self.chunk_left == 0:  # an empty last chunk
+                    stats["messages"] += self.last_chunk
+                    replies.append(b"250 2.0.0 Ok: queued")
+                continue
             replies.append(self._answer(line.split(b" ", 1)[0].upper()))
         if replies:
             self._reply(replies)
 
     def _answer(self, verb: bytes) -> bytes:
         if verb == b"EHLO":
-            return b"250-delay-sink\r\n250-PIPELINING\r\n250 8BITMIME"
+            return b"250-delay-sink\r\n250-PIPELINING\r\n" + (b"250-CHUNKING\r\n" if self.chunking else b"") + \
+                b"250 8BITMIME"
         if verb == b"DATA":
             self.in_data = True
             return b"354 End data with <CR><LF>.<CR><LF>"
@@ -72,9 +90,9 @@ class DelayedSMTP(asyncio.Protocol):
                 self.transport.close()
 
 
-async def main(port: int, delay: float):
+async def main(port: int, delay: float, chunking: bool):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: DelayedSMTP(delay), "127.0.0.1", port, backlog=256)
+    server = await loop.create_server(lambda: DelayedSMTP(delay, chunking), "127.0.0.1", port, backlog=256)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -85,4 +103,4 @@ async def main(port: int, delay: float):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) / 1000))
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) / 1000, sys.argv[3:] == ["chunking"]))
