@@ -65,6 +65,8 @@ def test_relay_order_puts_a_failed_relay_behind_the_others_for_its_cool_down(mon
     relays.failed(third)
     assert not relays.available()  # /readyz: every relay is in cool-down
     clock[0] += 29.5
-    assert relays.order() == [primary, second, third]  # the primary's cool-down is over
+    assert relays.order() == [primary, second, third]  # the primary's cool-down is over: this send tries it
+    assert relays.order() == [second, third, primary]  # while it does, the next ones do not
+    relays.succeeded(primary)
     relays.succeeded(third)  # a last-resort try went through
     assert relays.order() == [primary, third, second]
