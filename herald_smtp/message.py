@@ -104,13 +104,17 @@ class MessageBuilder:
         self._from_line = _fold("From", self.from_header)
         # Every replica of one deployment derives the same Message-ID from a key; the password,
         # when there is one, keeps anyone else from telling which key an id came from.
-        self._id_key = hashlib.sha256(f"message-id\0{cfg.sender_scope}\0{cfg.smtp_password}".encode()).digest()
+        self._id_hmac = hmac.new(hashlib.sha256(f"message-id\0{cfg.sender_scope}\0{cfg.smtp_password}".encode()).digest(),
+                                 digestmod=hashlib.sha256)
 
     def message_id(self, key: str = "") -> str:
         """`<id@sender's domain>`: a keyed hash of the idempotency key, so every copy sent for one
         key carries the same id (never the key itself); random without a key."""
-        local = hmac.new(self._id_key, key.encode(), hashlib.sha256).hexdigest()[:32] if key else uuid.uuid4().hex
-        return f"<{local}@{self.domain}>"
+        if not key:
+            return f"<{uuid.uuid4().hex}@{self.domain}>"
+        mac = self._id_hmac.copy()  # a copy of the keyed state skips hashing the key each time
+        mac.update(key.encode())
+        return f"<{mac.hexdigest()[:32]}@{self.domain}>"
 
     def build(self, req: SendRequest, key: str = "") -> Envelope:
         """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write.

@@ -53,6 +53,7 @@ class Metrics:
         self.relay_cooldown = Gauge("herald_smtp_relay_cooldown_until", "Unix time a relay's cool-down ends (it "
                                     "is skipped while another relay is available); 0 after a success. In cool-down "
                                     "while greater than time().", ["relay"], registry=r, multiprocess_mode="livemax")
+        self._children = {}  # (metric, label values) -> its child; see _child
         self._store_age = None  # () -> age of the oldest remembered success; see watch_store
         # livesum: the sum over the workers alive now (a dead worker's sends are not in flight).
         self.in_flight = Gauge("herald_smtp_sends_in_flight", "POST /v1/send requests being handled now.",
@@ -74,8 +75,8 @@ class Metrics:
             kind, code = outcome, ""
         else:
             kind, code = "failed", outcome if outcome in STATUS else "send_failed"
-        self.sends.labels(kind, code).inc()
-        self.latency.labels(kind).observe(seconds)
+        self._child(self.sends, kind, code).inc()
+        self._child(self.latency, kind).observe(seconds)
         if unknown:
             self.unknown.inc()
         if outcome == "replayed":
@@ -83,9 +84,17 @@ class Metrics:
         elif outcome == "idempotency_conflict":
             self.idempotency.labels("conflict").inc()
 
+    def _child(self, metric, *labels):
+        """metric.labels(*labels), remembered: labels() validates and locks on every call, and
+        every send takes three."""
+        try:
+            return self._children[metric, labels]
+        except KeyError:
+            return self._children.setdefault((metric, labels), metric.labels(*labels))
+
     def relay(self, name: str, sent: bool = False, failure: str = "", cooldown_until: float = None) -> None:
         """A relay took a mail (`sent`), or could not (`failure`: the reason); its cool-down's end."""
-        sends = self.relay_sends.labels(name)  # the series exists from the first call
+        sends = self._child(self.relay_sends, name)  # the series exists from the first call
         if sent:
             sends.inc()
         if failure:

@@ -43,6 +43,8 @@ class Relays:
             self._until[relay.name] = time.monotonic() + self.cooldown
         return time.time() + self.cooldown
 
-    def succeeded(self, relay) -> None:
+    def succeeded(self, relay) -> bool:
+        """The relay took a mail or answered; True if that ended a cool-down."""
         with self._lock:
-            self._until[relay.name] = 0.0
+            was, self._until[relay.name] = self._until[relay.name], 0.0
+        return was > 0

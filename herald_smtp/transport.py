@@ -129,8 +129,8 @@ class Transport:
         return error
 
     def _succeeded(self, relay, sent: bool) -> None:
-        self.relays.succeeded(relay)
-        self._count(relay.name, sent=sent, cooldown_until=0.0)
+        ended = self.relays.succeeded(relay)
+        self._count(relay.name, sent=sent, cooldown_until=0.0 if ended else None)
 
     def _count(self, relay: str, sent=False, failure="", cooldown_until=None) -> None:
         if self.metrics:
