@@ -59,7 +59,8 @@ def send():
         deadline = started + timeout
 
         def deliver():
-            svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline)
+            with svc.tracing.smtp_span(len(envelope.data)):
+                svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline)
             return key or str(uuid.uuid4())
 
         if key:

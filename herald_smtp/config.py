@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from typing import Mapping
+from urllib.parse import urlsplit
 
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -54,6 +55,8 @@ class Config:
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
+    otlp_enabled: bool = False
+    otlp_endpoint: str = ""  # the collector's full traces URL (.../v1/traces)
 
     def __repr__(self):  # secrets stay out of tracebacks and debug output
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
@@ -128,6 +131,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _otlp_endpoint(raw: str) -> str:
+    """OTLP_ENDPOINT as Herald takes it (http://collector:4318, or host:port) -> the traces URL."""
+    raw = raw.strip()
+    if not raw:
+        return ""
+    url = urlsplit(raw if "://" in raw else "http://" + raw)
+    try:
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or has_control_chars(raw):
+        # The value is not echoed: a collector URL may carry a token.
+        raise ConfigError("OTLP_ENDPOINT: expected the collector's OTLP/HTTP URL, like http://otel-collector:4318")
+    path = url.path.rstrip("/")
+    if not path.endswith("/v1/traces"):
+        path += "/v1/traces"  # the base URL, as OTEL_EXPORTER_OTLP_ENDPOINT takes it
+    return url._replace(path=path).geturl()
+
+
 def default_idempotency_store(env: Mapping[str, str]) -> str:
     # The file holds minutes of keys, so a tmpfs suits it: writes cost less, and it is gone at
     # reboot. systemd's RuntimeDirectory= (under /run) sets RUNTIME_DIRECTORY. Elsewhere a
@@ -170,6 +192,8 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
+        otlp_enabled=_bool(env, "OTLP_ENABLED", False),
+        otlp_endpoint=_otlp_endpoint(env.get("OTLP_ENDPOINT", "")),
     )
     _check(cfg)
     return cfg
@@ -193,6 +217,9 @@ def _check(cfg: Config) -> None:
                           "STARTTLS or implicit TLS to a non-loopback host")
     if cfg.metrics_require_api_key and not cfg.api_keys:
         raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
+    if cfg.otlp_enabled and not cfg.otlp_endpoint:
+        raise ConfigError("OTLP_ENABLED is true but OTLP_ENDPOINT is empty: set the collector's URL, "
+                          "like http://otel-collector:4318")
     store = cfg.idempotency_store
     if not store.startswith(("sqlite://", "redis://", "rediss://", "unix://", "memory://", "/")):
         raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., rediss://... or memory://")

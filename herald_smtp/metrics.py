@@ -15,6 +15,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest, multiprocess)
 
 from .errors import STATUS
+from .tracing import note_smtp
 
 # Sends are bounded by SMTP_TIMEOUT_SECONDS (30 by default); replays answer in milliseconds.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -67,6 +68,7 @@ class Metrics:
     def connection(self, kind: str) -> None:
         """`kind`: "opened" or "reused"."""
         self.connections.labels(kind).inc()
+        note_smtp(reused=kind == "reused")  # the send's span (tracing on) learns it too
 
     def init_app(self, app) -> None:
         """Count POST /v1/send requests while they are handled, and the answers the view
