@@ -13,6 +13,8 @@ import tempfile
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from . import redis_url
+
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -61,6 +63,7 @@ class Config:
     def __repr__(self):  # secrets stay out of tracebacks and debug output
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
         shown["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        shown["idempotency_store"] = redis_url.redacted(self.idempotency_store)
         return f"Config({shown})"
 
     @property
@@ -184,7 +187,7 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         smtp_max_messages_per_connection=_number(env, "SMTP_MAX_MESSAGES_PER_CONNECTION", 100),
         smtp_helo_name=env.get("SMTP_HELO_NAME", "").strip(),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").upper(),
-        idempotency_store=env.get("IDEMPOTENCY_STORE", "").strip() or default_idempotency_store(env),
+        idempotency_store=_secret(env, "IDEMPOTENCY_STORE").strip() or default_idempotency_store(env),
         idempotency_ttl_seconds=_number(env, "IDEMPOTENCY_TTL_SECONDS", 300),
         idempotency_max_entries=_number(env, "IDEMPOTENCY_MAX_ENTRIES", 10000),
         idempotency_fail_open=_bool(env, "IDEMPOTENCY_FAIL_OPEN", False),
@@ -221,8 +224,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("OTLP_ENABLED is true but OTLP_ENDPOINT is empty: set the collector's URL, "
                           "like http://otel-collector:4318")
     store = cfg.idempotency_store
-    if not store.startswith(("sqlite://", "redis://", "rediss://", "unix://", "memory://", "/")):
-        raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., rediss://... or memory://")
+    if not store.startswith(("sqlite://", "memory://", "/", *redis_url.SCHEMES)):
+        raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., redis+sentinel://..., "
+                          "redis+cluster://... (rediss for TLS) or memory://")
+    if store.startswith(redis_url.SCHEMES):
+        try:
+            redis_url.parse(store)
+        except ValueError as e:
+            raise ConfigError(f"IDEMPOTENCY_STORE: {e}") from None
     if store.startswith("memory://") and cfg.web_concurrency > 1:
         raise ConfigError("IDEMPOTENCY_STORE: memory:// holds for one process only; "
                           "use the default SQLite file or redis:// with WEB_CONCURRENCY > 1")
