@@ -67,8 +67,9 @@ def send():
             fp = fingerprint({"to": envelope.recipient, "subject": req.subject, "body": req.body, "html": req.html,
                               "params": req.params, "locale": req.locale, "template": req.template})
             try:
-                message_id, replayed = run_once(svc.store, key, fp, deadline, deliver,
-                                                cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds)
+                with svc.tracing.store_span():
+                    message_id, replayed = run_once(svc.store, key, fp, deadline, deliver,
+                                                    cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds)
             except StoreUnavailable:
                 if not cfg.idempotency_fail_open:
                     raise SendError("provider_down", "idempotency store unavailable; not sending unprotected")

@@ -66,11 +66,11 @@ class Tracing:
     def init_app(self, app) -> None:
         """Call before any other hook is registered, so every line of the request has the ids."""
         app.before_request(self._start)
-        app.after_request(self._answered)
         app.teardown_request(self._end)
 
     def _start(self):
-        ids = parse_traceparent(request.headers.get("traceparent", ""))
+        header = request.headers.get("traceparent")
+        ids = parse_traceparent(header) if header else None
         if ids is not None:
             self._bind(*ids)
 
@@ -79,15 +79,15 @@ class Tracing:
         g.trace_log = logs.bind_trace(trace_id, span_id)
         request.environ[ENVIRON_KEY] = logs.trace_fields()
 
-    def _answered(self, response):
-        return response
-
     def _end(self, _exc):
         token = g.pop("trace_log", None)
         if token is not None:
             logs.unbind_trace(token)
 
     def smtp_span(self, message_bytes: int):
+        return contextlib.nullcontext()
+
+    def store_span(self):
         return contextlib.nullcontext()
 
     def wrap_store(self, store):
@@ -126,6 +126,10 @@ class OtlpTracing(Tracing):
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer("herald_smtp")
         _quiet_sdk_logs()
+
+    def init_app(self, app) -> None:
+        super().init_app(app)
+        app.after_request(self._answered)
 
     def _start(self):
         parent = self._propagator.extract(request.headers)
@@ -194,8 +198,12 @@ class OtlpTracing(Tracing):
                 _smtp_span.reset(token)
             span.set_attribute("herald_smtp.smtp.outcome", "sent")
 
+    def store_span(self):
+        """Around the idempotency store's work for a key: reserve, send (a child span), settle."""
+        return self._child("idempotency", self._kind.INTERNAL, None)
+
     def wrap_store(self, store):
-        return _TracedStore(store, self)
+        return _TracedStore(store, self._trace.get_current_span)
 
     def shutdown(self) -> None:
         """Send what is queued, waiting FLUSH_SECONDS at most: a hanging collector must not hold
@@ -206,30 +214,25 @@ class OtlpTracing(Tracing):
 
 
 class _TracedStore:
-    """The idempotency store with a span around each call that reserves or settles a key."""
+    """The idempotency store, telling the store span (the current one) what it decided."""
 
-    def __init__(self, store, tracing):
-        self._store, self._tracing = store, tracing
-        self._attributes = {"db.system.name": type(store).__name__.removesuffix("Store").lower()}
-
-    def _span(self, name):
-        return self._tracing._child(name, self._tracing._kind.CLIENT, self._attributes)
+    def __init__(self, store, current_span):
+        self._store, self._current_span = store, current_span
+        self._system = type(store).__name__.removesuffix("Store").lower()
 
     def begin(self, key, fp, lease):
-        with self._span("idempotency begin") as span:
-            outcome, rec, token = self._store.begin(key, fp, lease)
-            span.set_attribute("herald_smtp.idempotency.outcome", outcome)
-            return outcome, rec, token
+        outcome, rec, token = self._store.begin(key, fp, lease)
+        self._current_span().set_attributes({"db.system.name": self._system,
+                                             "herald_smtp.idempotency.outcome": outcome})
+        return outcome, rec, token
 
     def complete(self, key, token, message_id, ttl):
-        with self._span("idempotency settle") as span:
-            span.set_attribute("herald_smtp.idempotency.state", "done")
-            return self._store.complete(key, token, message_id, ttl)
+        self._current_span().set_attribute("herald_smtp.idempotency.state", "done")
+        return self._store.complete(key, token, message_id, ttl)
 
     def fail(self, key, token, code, message):
-        with self._span("idempotency settle") as span:
-            span.set_attributes({"herald_smtp.idempotency.state": "failed", "herald_smtp.error_code": code})
-            return self._store.fail(key, token, code, message)
+        self._current_span().set_attribute("herald_smtp.idempotency.state", "failed")
+        return self._store.fail(key, token, code, message)
 
     def __getattr__(self, name):  # get, close, description: as the store has them
         return getattr(self._store, name)

@@ -153,43 +153,46 @@ def test_spans_continue_the_callers_trace_with_no_personal_data(gunicorn, make_s
     assert {s["service"] for s in spans} == {"herald-smtp"}
     assert len({s["pid"] for s in spans}) == 2, "each worker exports its own spans"
 
-    for i in [*range(SENDS), 100, 101, 102, 103, 104]:
-        trace = by_trace[traceparent(i).split("-")[1]]
-        (server_span,) = [s for s in trace if s["kind"] == 2]  # SERVER
-        assert server_span["parent"] == traceparent(i).split("-")[2]
-        assert server_span["name"] == "POST /v1/send"
-        assert server_span["attributes"]["http.route"] == "/v1/send"
-        if i != 104:
-            assert server_span["trace_state"] == "herald=t61rcWkgMzE"
-        for child in trace:
-            if child is not server_span:
-                assert child["parent"] == server_span["span_id"] and child["kind"] == 3  # CLIENT
-        names = sorted(s["name"] for s in trace if s is not server_span)
-        if i < SENDS:  # reserve, send, settle
-            assert names == ["idempotency begin", "idempotency settle", "smtp send"]
-            (smtp,) = [s for s in trace if s["name"] == "smtp send"]
-            assert smtp["attributes"]["herald_smtp.smtp.outcome"] == "sent"
-            assert smtp["attributes"]["herald_smtp.smtp.message_bytes"] > 100
-            assert smtp["attributes"]["herald_smtp.smtp.reused"] in (True, False)
-            assert server_span["attributes"]["http.response.status_code"] == 200
-            begin = next(s for s in trace if s["name"] == "idempotency begin")
-            assert begin["attributes"] == {"db.system.name": "sqlite", "herald_smtp.idempotency.outcome": "new"}
-
     def only(i, name):
         (span,) = [s for s in by_trace[traceparent(i).split("-")[1]] if s["name"] == name]
         return span
 
+    SERVER, INTERNAL, CLIENT = 2, 1, 3  # span kinds
+    for i in [*range(SENDS), 100, 101, 102, 103, 104]:
+        trace = by_trace[traceparent(i).split("-")[1]]
+        server_span = only(i, "POST /v1/send")
+        assert server_span["kind"] == SERVER and server_span["parent"] == traceparent(i).split("-")[2]
+        assert server_span["attributes"]["http.route"] == "/v1/send"
+        if i == 104:  # refused before the view: no other span
+            assert trace == [server_span]
+            continue
+        assert server_span["trace_state"] == "herald=t61rcWkgMzE"
+        store = only(i, "idempotency")
+        assert store["parent"] == server_span["span_id"] and store["kind"] == INTERNAL
+        assert store["attributes"]["db.system.name"] == "sqlite"
+        smtp = [s for s in trace if s["name"] == "smtp send"]
+        assert all(s["parent"] == store["span_id"] and s["kind"] == CLIENT for s in smtp)
+        assert len(trace) == 2 + len(smtp)
+        if i < SENDS:  # reserved, sent, settled
+            assert store["attributes"] == {"db.system.name": "sqlite", "herald_smtp.idempotency.outcome": "new",
+                                           "herald_smtp.idempotency.state": "done"}
+            assert smtp[0]["attributes"]["herald_smtp.smtp.outcome"] == "sent"
+            assert smtp[0]["attributes"]["herald_smtp.smtp.message_bytes"] > 100
+            assert server_span["attributes"]["http.response.status_code"] == 200
+
     # More sends than the workers' four threads: some sessions were reused, and the span says which.
     assert {only(i, "smtp send")["attributes"]["herald_smtp.smtp.reused"] for i in range(SENDS)} == {True, False}
-    assert only(100, "idempotency begin")["attributes"]["herald_smtp.idempotency.outcome"] == "replay"
-    assert only(101, "idempotency begin")["attributes"]["herald_smtp.idempotency.outcome"] == "conflict"
+    assert only(100, "idempotency")["attributes"]["herald_smtp.idempotency.outcome"] == "replay"
+    conflict = only(101, "idempotency")
+    assert conflict["attributes"]["herald_smtp.idempotency.outcome"] == "conflict"
+    assert conflict["attributes"]["error.type"] == "idempotency_conflict"
     assert only(101, "POST /v1/send")["attributes"]["error.type"] == "idempotency_conflict"
     rejected = only(102, "smtp send")
     assert rejected["attributes"]["herald_smtp.error_code"] == "invalid_destination"
     assert rejected["attributes"]["herald_smtp.smtp.outcome"] == "failed"
     deferred = only(103, "POST /v1/send")
     assert deferred["attributes"]["error.type"] == "provider_down" and deferred["status"] == 2  # ERROR
-    assert only(103, "idempotency settle")["attributes"]["herald_smtp.idempotency.state"] == "failed"
+    assert only(103, "idempotency")["attributes"]["herald_smtp.idempotency.state"] == "failed"
     assert only(104, "POST /v1/send")["attributes"]["http.response.status_code"] == 401
 
     # Nothing personal or secret anywhere in what was exported, in any encoding the spans use.
@@ -212,7 +215,7 @@ def test_an_unreachable_collector_changes_nothing_for_sends(gunicorn, smtp_serve
     sink = Hanging() if peer == "hanging" else None
     endpoint = sink.url if sink else f"http://127.0.0.1:{free_port()}"  # nothing listens there
     try:
-        # A small queue (the SDK's own settings), so 4 spans a request fill a batch and then the
+        # A small queue (the SDK's own settings), so 3 spans a request fill a batch and then the
         # queue while the export waits on the collector: spans are dropped, sends go on.
         g = gunicorn(smtp_server.env(OTLP_ENABLED="true", OTLP_ENDPOINT=endpoint, OTEL_BSP_MAX_QUEUE_SIZE="200",
                                      OTEL_BSP_MAX_EXPORT_BATCH_SIZE="50"), workers=2, threads=4)
