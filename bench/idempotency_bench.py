@@ -47,9 +47,10 @@ VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redi
 APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)", "floor0": "bench.apps:floor(0)"}
 
 
-def wrk(url, seconds, connections, keyed, cpu=None):
+def wrk(url, seconds, connections, keyed, cpu=None, traced=False):
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "send.lua"),
-           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey"]
+           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey",
+           "trace" if traced else "notrace"]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -98,6 +99,30 @@ def remove_sqlite(path):
             os.remove(path + suffix)
 
 
+def load(app, env, log, args, sink, keyed, traced=False, cwd=ROOT):
+    """gunicorn serving `app` (env["PORT"] = 127.0.0.1:port), warmed up, then one measured wrk run:
+    its result with the workers' CPU per request and how evenly they shared it. Stops gunicorn."""
+    url = "http://" + env["PORT"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
+                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
+                 f"gunicorn (see {log})")
+        if args.pin:
+            pin(proc.pid, sink)
+        wrk_cpu = CPUS[-1] if args.pin else None
+        wrk(url, args.warmup, args.connections, keyed, wrk_cpu, traced)
+        cpu = workers_cpu(proc.pid)
+        result = wrk(url, args.duration, args.connections, keyed, wrk_cpu, traced)
+        used = [t - cpu.get(pid, 0) for pid, t in workers_cpu(proc.pid).items()]
+        result["cpu_ms"] = sum(used) * 1000 / (result["rps"] * args.duration)
+        result["split"] = min(used) / max(used) if max(used) > 0 else 1.0
+    finally:
+        stop(proc)
+    return result
+
+
 def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
     sqlite = fresh_sqlite("bench")
@@ -110,24 +135,7 @@ def one_run(variant, args, workdir, env):
     genv = {**env, "PORT": f"127.0.0.1:{port}", "SMTP_PORT": str(sink.port),
             "IDEMPOTENCY_STORE": store}
     try:
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", APPS.get(variant, "app:app")],
-                                    cwd=ROOT, env=genv, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
-                     f"gunicorn (see {log})")
-            if args.pin:
-                pin(proc.pid, sink)
-            wrk_cpu = CPUS[-1] if args.pin else None
-            wrk(url, args.warmup, args.connections, variant != "none", wrk_cpu)
-            cpu = workers_cpu(proc.pid)
-            result = wrk(url, args.duration, args.connections, variant != "none", wrk_cpu)
-            used = [t - cpu.get(pid, 0) for pid, t in workers_cpu(proc.pid).items()]
-            result["cpu_ms"] = sum(used) * 1000 / (result["rps"] * args.duration)
-            result["split"] = min(used) / max(used) if max(used) > 0 else 1.0
-        finally:
-            stop(proc)
+        result = load(APPS.get(variant, "app:app"), genv, log, args, sink, keyed=variant != "none")
         result["delivered"] = sink.messages()
     finally:
         sink.stop()
