@@ -49,7 +49,7 @@ def parse(url: str) -> Target:
             parts.port  # noqa: B018 (raises on a bad port)
         except ValueError:
             raise ValueError("expected a port number after the host") from None
-        return Target("server", tls=scheme == "rediss", options=_options(parts.query, _OPTIONS))
+        return Target("server", tls=scheme == "rediss", options=_options(parts.query, _OPTIONS, scheme == "rediss"))
     if not url.startswith(SCHEMES):
         raise ValueError("expected redis://, rediss://, redis+sentinel://, redis+cluster:// (or rediss+...)")
     kind = scheme.partition("+")[2]
@@ -60,7 +60,8 @@ def parse(url: str) -> Target:
     userinfo, _, hosts = netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
     nodes = tuple(_node(n, 26379 if kind == "sentinel" else 6379) for n in hosts.split(","))
-    options = _options(query, _OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else set()))
+    known = _OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else set())
+    options = _options(query, known, scheme.startswith("rediss"))
     segments = [unquote(s) for s in path.split("/") if s]
     master, db = "", options.pop("db", 0)
     if kind == "sentinel":
@@ -83,11 +84,13 @@ def _node(text: str, default_port: int):
     return m["v6"] or m["host"], int(m["port"] or default_port)
 
 
-def _options(query: str, known: set) -> dict:
+def _options(query: str, known: set, tls: bool) -> dict:
     options = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name not in known:
             raise ValueError(f"unknown option {name!r} (known: {', '.join(sorted(known))})")
+        if name.startswith("ssl_") and not tls:
+            raise ValueError(f"{name} is a TLS option: use rediss://, rediss+sentinel:// or rediss+cluster://")
         if name in _TLS_FILES and not os.path.isfile(value):
             raise ValueError(f"{name}: no such file")
         if name == "ssl_cert_reqs" and value not in ("required", "optional", "none"):

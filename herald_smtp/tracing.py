@@ -61,8 +61,6 @@ def for_config(cfg):
 class Tracing:
     """Export off: the caller's trace_id and span_id on the request's log lines, nothing else."""
 
-    enabled = False
-
     def init_app(self, app) -> None:
         """Call before any other hook is registered, so every line of the request has the ids."""
         app.before_request(self._start)
@@ -100,7 +98,6 @@ class Tracing:
 class OtlpTracing(Tracing):
     """Export on: spans through the SDK, batched per worker process."""
 
-    enabled = True
     EXPORT_TIMEOUT = 5.0  # seconds one export may take; only the exporting thread waits
     FLUSH_SECONDS = 3.0  # at worker exit, what is queued gets this long to go out
 

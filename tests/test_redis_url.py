@@ -38,6 +38,7 @@ def test_single_server_forms_are_unchanged():
     ("redis+cluster://r1?sentinel_password=x", "unknown option 'sentinel_password'"),
     ("rediss+cluster://r1?ssl_ca_certs=/no/such.pem", "ssl_ca_certs: no such file"),
     ("redis://cache:port/0", "expected a port number"),
+    ("redis+cluster://r1?ssl_cert_reqs=none", "ssl_cert_reqs is a TLS option: use rediss://"),
     ("redis+sentinels://s1/herald", "expected sqlite:///path, redis://"),
 ])
 def test_bad_urls_stop_startup_naming_the_variable_and_not_the_password(url, error):
