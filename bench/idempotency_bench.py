@@ -168,14 +168,19 @@ def render(results, args, workers, threads):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
+def load_options(parser, duration):
+    """The options load() reads, for a benchmark's own parser."""
+    parser.add_argument("--duration", type=int, default=duration, help=f"seconds per measured wrk run ({duration})")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the variants (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--pin", action="store_true",
                         help="pin each gunicorn worker, wrk and the sink to CPUs: steadier figures on a noisy machine")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load_options(parser, duration=8)
     parser.add_argument("--floor", action="store_true",
                         help="also run herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.idempotency_bench import CPUS, fresh_sqlite, load, remove_sqlite  # noqa: E402
+from bench.idempotency_bench import CPUS, fresh_sqlite, load, load_options, remove_sqlite  # noqa: E402
 from bench.run import Sink, free_port, prepare, stop  # noqa: E402
 
 VARIANTS = {"base": "base commit (no tracing code)", "off": "tracing off", "off_tp": "tracing off + traceparent",
@@ -104,12 +104,7 @@ def off_path():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="578126a", help="the commit to compare with (578126a: before tracing)")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per measured wrk run (5)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the variants (5)")
-    parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
-    parser.add_argument("--pin", action="store_true",
-                        help="pin each gunicorn worker, wrk and the sink to CPUs: steadier figures on a noisy machine")
+    load_options(parser, duration=5)
     parser.add_argument("--off-path", action="store_true", help="only time the off path in a loop (seconds)")
     args = parser.parse_args()
     if args.off_path:
