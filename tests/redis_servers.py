@@ -85,13 +85,13 @@ def _info(port, section):
     return redis.Redis(port=port, decode_responses=True).execute_command("INFO", section)
 
 
-def sentinels_ready(sentinels, replicas=1):
-    """Each sentinel knows the other sentinels and the replicas: a failover can start at once."""
+def sentinels_ready(sentinels, replicas=1, quorum=True):
+    """Each sentinel knows the replicas, and with `quorum` the other sentinels (which a master's
+    crash needs, SENTINEL FAILOVER not): a failover can start at once."""
     def ready():
         for port in sentinels:
-            s = redis.Redis(port=port, decode_responses=True)
-            master = s.sentinel_master(MASTER_NAME)
-            if master["num-other-sentinels"] < len(sentinels) - 1 or master["num-slaves"] < replicas:
+            master = redis.Redis(port=port, decode_responses=True).sentinel_master(MASTER_NAME)
+            if (quorum and master["num-other-sentinels"] < len(sentinels) - 1) or master["num-slaves"] < replicas:
                 return False
         return True
     wait_for(ready, timeout=20)
