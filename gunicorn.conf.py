@@ -75,6 +75,7 @@ class JsonAccessLogger(Logger):
             "duration_ms": round(request_time.total_seconds() * 1000, 1),
             "remote": environ.get("REMOTE_ADDR"),
         }
+        entry.update(environ.get("herald_smtp.trace", {}))  # trace_id, span_id (herald_smtp.tracing)
         try:
             self.access_log.info(json.dumps(entry))
         except Exception:

@@ -46,9 +46,10 @@ VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redi
 APPS = {"floor2": "bench.apps:floor(2)", "floor1": "bench.apps:floor(1)", "floor0": "bench.apps:floor(0)"}
 
 
-def wrk(url, seconds, connections, keyed, cpu=None):
+def wrk(url, seconds, connections, keyed, cpu=None, traced=False):
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "send.lua"),
-           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey"]
+           url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY, "key" if keyed else "nokey",
+           "trace" if traced else "notrace"]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -71,6 +72,30 @@ def pin(master, sink):
     os.sched_setaffinity(sink.proc.pid, {CPUS[0]})
 
 
+def load(app, env, log, args, sink, keyed, traced=False, cwd=ROOT):
+    """gunicorn serving `app` (env["PORT"] = 127.0.0.1:port), warmed up, then one measured wrk run:
+    its result with the workers' CPU per request and how evenly they shared it. Stops gunicorn."""
+    url = "http://" + env["PORT"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
+                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
+                 f"gunicorn (see {log})")
+        if args.pin:
+            pin(proc.pid, sink)
+        wrk_cpu = CPUS[-1] if args.pin else None
+        wrk(url, args.warmup, args.connections, keyed, wrk_cpu, traced)
+        cpu = workers_cpu(proc.pid)
+        result = wrk(url, args.duration, args.connections, keyed, wrk_cpu, traced)
+        used = [t - cpu.get(pid, 0) for pid, t in workers_cpu(proc.pid).items()]
+        result["cpu_ms"] = sum(used) * 1000 / (result["rps"] * args.duration)
+        result["split"] = min(used) / max(used) if max(used) > 0 else 1.0
+    finally:
+        stop(proc)
+    return result
+
+
 def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
     sqlite = fresh_sqlite("bench")
@@ -83,24 +108,7 @@ def one_run(variant, args, workdir, env):
     genv = {**env, "PORT": f"127.0.0.1:{port}", "SMTP_PORT": str(sink.port),
             "IDEMPOTENCY_STORE": store}
     try:
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", APPS.get(variant, "app:app")],
-                                    cwd=ROOT, env=genv, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(lambda: proc.poll() is None and urllib.request.urlopen(url + "/healthz", timeout=1),
-                     f"gunicorn (see {log})")
-            if args.pin:
-                pin(proc.pid, sink)
-            wrk_cpu = CPUS[-1] if args.pin else None
-            wrk(url, args.warmup, args.connections, variant != "none", wrk_cpu)
-            cpu = workers_cpu(proc.pid)
-            result = wrk(url, args.duration, args.connections, variant != "none", wrk_cpu)
-            used = [t - cpu.get(pid, 0) for pid, t in workers_cpu(proc.pid).items()]
-            result["cpu_ms"] = sum(used) * 1000 / (result["rps"] * args.duration)
-            result["split"] = min(used) / max(used) if max(used) > 0 else 1.0
-        finally:
-            stop(proc)
+        result = load(APPS.get(variant, "app:app"), genv, log, args, sink, keyed=variant != "none")
         result["delivered"] = sink.messages()
     finally:
         sink.stop()
@@ -133,14 +141,19 @@ def render(results, args, workers, threads):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
+def load_options(parser, duration):
+    """The options load() reads, for a benchmark's own parser."""
+    parser.add_argument("--duration", type=int, default=duration, help=f"seconds per measured wrk run ({duration})")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the variants (5)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--pin", action="store_true",
                         help="pin each gunicorn worker, wrk and the sink to CPUs: steadier figures on a noisy machine")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load_options(parser, duration=8)
     parser.add_argument("--floor", action="store_true",
                         help="also run herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14",

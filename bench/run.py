@@ -236,11 +236,11 @@ def prepare(args):
 
 def bench_env(workers: int, threads: int) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_", "PROMETHEUS_", "WEB_"))}
+           if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_", "PROMETHEUS_", "WEB_", "OTLP_", "OTEL_"))}
     # Set, even when empty, so a developer's .env cannot change the run (the environment wins).
     env.update(SMTP_HOST="127.0.0.1", SMTP_FROM=SENDER, SMTP_USE_STARTTLS="false", SMTP_USE_TLS="false",
                SMTP_USER="", SMTP_PASSWORD="", API_KEY=API_KEY, LOG_LEVEL="info",
-               WEB_CONCURRENCY=str(workers), WEB_THREADS=str(threads))
+               WEB_CONCURRENCY=str(workers), WEB_THREADS=str(threads), OTLP_ENABLED="false", OTLP_ENDPOINT="")
     return env
 
 

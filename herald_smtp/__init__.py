@@ -16,6 +16,7 @@ from .errors import SendError, envelope, from_http_status
 from .idempotency import Evictions, open_store
 from .message import MessageBuilder
 from .metrics import Metrics
+from .tracing import Tracing, for_config as tracing_for
 from .transport import Transport
 
 __all__ = ["create_app", "Config", "ConfigError", "load_config"]
@@ -32,10 +33,12 @@ class Service:
     transport: Transport
     store: object
     metrics: object = None
+    tracing: Tracing = dataclasses.field(default_factory=Tracing)
 
     def close(self):
         self.transport.close_all()
         self.store.close()
+        self.tracing.shutdown()  # after the last span: flushes what is queued
 
 
 def create_app(config=None) -> Flask:
@@ -54,6 +57,8 @@ def create_app(config=None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.http_body_limit_bytes
     metrics = Metrics()
+    traces = tracing_for(config)
+    traces.init_app(app)  # first hooks: every log line of a request then carries its trace ids
     store = open_store(config.idempotency_store, config.idempotency_max_entries, config.sender_scope,
                        Evictions(metrics.evictions.inc))
     metrics.watch_store(lambda: store.oldest_success_age(config.idempotency_ttl_seconds))
@@ -61,8 +66,9 @@ def create_app(config=None) -> Flask:
         config=config,
         builder=MessageBuilder(config),
         transport=Transport(config, metrics),
-        store=store,
+        store=traces.wrap_store(store),
         metrics=metrics,
+        tracing=traces,
     )
 
     from .api import bp as api_bp

@@ -16,6 +16,7 @@ from .errors import DeliveryUnknown, SendError
 from .idempotency import StoreUnavailable, fingerprint, run_once
 from .logs import mask
 from .message import SendRequest
+from .tracing import note_smtp
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger("herald_smtp.api")
@@ -59,15 +60,23 @@ def send():
         deadline = started + timeout
 
         def deliver():
-            fields["relay"] = svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline).relay
+            with svc.tracing.smtp_span(len(envelope.data)):
+                try:
+                    sent = svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline)
+                except SendError as err:
+                    note_smtp(relay=err.relay)
+                    raise
+                note_smtp(relay=sent.relay, round_trips=sent.round_trips, bytes_sent=sent.bytes, reused=sent.reused)
+            fields["relay"] = sent.relay
             return key or str(uuid.uuid4())
 
         if key:
             fp = fingerprint({"to": envelope.recipient, "subject": req.subject, "body": req.body, "html": req.html,
                               "params": req.params, "locale": req.locale, "template": req.template})
             try:
-                message_id, replayed = run_once(svc.store, key, fp, deadline, deliver,
-                                                cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds)
+                with svc.tracing.store_span():
+                    message_id, replayed = run_once(svc.store, key, fp, deadline, deliver,
+                                                    cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds)
             except StoreUnavailable:
                 if not cfg.idempotency_fail_open:
                     raise SendError("provider_down", "idempotency store unavailable; not sending unprotected")

@@ -13,6 +13,9 @@ import re
 import ssl
 import tempfile
 from typing import Mapping
+from urllib.parse import urlsplit
+
+from . import redis_url
 
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -75,10 +78,13 @@ class Config:
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
+    otlp_enabled: bool = False
+    otlp_endpoint: str = ""  # the collector's full traces URL (.../v1/traces)
 
     def __repr__(self):  # secrets stay out of tracebacks and debug output
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
         shown["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        shown["idempotency_store"] = redis_url.redacted(self.idempotency_store)
         return f"Config({shown})"
 
     @property
@@ -193,6 +199,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _otlp_endpoint(raw: str) -> str:
+    """OTLP_ENDPOINT as Herald takes it (http://collector:4318, or host:port) -> the traces URL."""
+    raw = raw.strip()
+    if not raw:
+        return ""
+    url = urlsplit(raw if "://" in raw else "http://" + raw)
+    try:
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or has_control_chars(raw):
+        # The value is not echoed: a collector URL may carry a token.
+        raise ConfigError("OTLP_ENDPOINT: expected the collector's OTLP/HTTP URL, like http://otel-collector:4318")
+    path = url.path.rstrip("/")
+    if not path.endswith("/v1/traces"):
+        path += "/v1/traces"  # the base URL, as OTEL_EXPORTER_OTLP_ENDPOINT takes it
+    return url._replace(path=path).geturl()
+
+
 def default_idempotency_store(env: Mapping[str, str]) -> str:
     # The file holds minutes of keys, so a tmpfs suits it: writes cost less, and it is gone at
     # reboot. systemd's RuntimeDirectory= (under /run) sets RUNTIME_DIRECTORY. Elsewhere a
@@ -230,7 +255,7 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         smtp_relay_cooldown_seconds=_number(env, "SMTP_RELAY_COOLDOWN_SECONDS", 30.0, float, 0),
         smtp_chunking=_bool(env, "SMTP_CHUNKING", True),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").upper(),
-        idempotency_store=env.get("IDEMPOTENCY_STORE", "").strip() or default_idempotency_store(env),
+        idempotency_store=_secret(env, "IDEMPOTENCY_STORE").strip() or default_idempotency_store(env),
         idempotency_ttl_seconds=_number(env, "IDEMPOTENCY_TTL_SECONDS", 300),
         # Ten minutes of new keys at 2000 a second, above the most this service has been measured to
         # take on one host: the default TTL's 5 minutes of keys always fit, with room to spare.
@@ -240,6 +265,8 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
+        otlp_enabled=_bool(env, "OTLP_ENABLED", False),
+        otlp_endpoint=_otlp_endpoint(env.get("OTLP_ENDPOINT", "")),
     )
     _check(cfg)
     return cfg
@@ -276,9 +303,18 @@ def _check(cfg: Config) -> None:
         _check_relay(relay)
     if cfg.metrics_require_api_key and not cfg.api_keys:
         raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
+    if cfg.otlp_enabled and not cfg.otlp_endpoint:
+        raise ConfigError("OTLP_ENABLED is true but OTLP_ENDPOINT is empty: set the collector's URL, "
+                          "like http://otel-collector:4318")
     store = cfg.idempotency_store
-    if not store.startswith(("sqlite://", "redis://", "rediss://", "unix://", "memory://", "/")):
-        raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., rediss://... or memory://")
+    if not store.startswith(("sqlite://", "memory://", "/", *redis_url.SCHEMES)):
+        raise ConfigError("IDEMPOTENCY_STORE: expected sqlite:///path, redis://..., redis+sentinel://..., "
+                          "redis+cluster://... (rediss for TLS) or memory://")
+    if store.startswith(redis_url.SCHEMES):
+        try:
+            redis_url.parse(store)
+        except ValueError as e:
+            raise ConfigError(f"IDEMPOTENCY_STORE: {e}") from None
     if store.startswith("memory://") and cfg.web_concurrency > 1:
         raise ConfigError("IDEMPOTENCY_STORE: memory:// holds for one process only; "
                           "use the default SQLite file or redis:// with WEB_CONCURRENCY > 1")

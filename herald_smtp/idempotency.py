@@ -23,6 +23,7 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
+from . import redis_url
 from .config import ConfigError
 from .errors import SendError
 
@@ -125,7 +126,7 @@ def _quietly(fn, *args):
 
 def sqlite_path(url: str):
     """The file of a SQLite IDEMPOTENCY_STORE (sqlite:///path or a bare path); None for the others."""
-    if url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+    if url.startswith(("memory://", *redis_url.SCHEMES)):
         return None
     return url[len("sqlite://"):] if url.startswith("sqlite://") else url
 
@@ -520,9 +521,10 @@ class RedisStore:
         self.on_evict = on_evict
         self.prefix = f"{{herald-smtp:{scope or 'default'}}}:idem:"
         self.pending, self.done = self.prefix + "pending", self.prefix + "done"
-        self._errors = (redis.RedisError, OSError)
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                           health_check_interval=30, decode_responses=True)
+        # A Cluster without a node for the slot raises RedisClusterException, no RedisError.
+        self._errors = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+        self.client = redis_url.client(url, socket_timeout=5, socket_connect_timeout=3,
+                                       health_check_interval=30, decode_responses=True)
         self._begin = self.client.register_script(_BEGIN)
         self._settle_script = self.client.register_script(_SETTLE)
         self._oldest = self.client.register_script(_OLDEST)

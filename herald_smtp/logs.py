@@ -4,12 +4,28 @@ Callers pass only safe fields (`extra={"fields": {...}}`): a masked recipient, i
 durations. Never a body, subject, header, key or password.
 """
 
+import contextvars
 import json
 import logging
 import sys
 import time
 
 _LEVELS = {"WARN": "WARNING"}
+# The trace context of the request this thread is handling: {"trace_id": ..., "span_id": ...}.
+_trace = contextvars.ContextVar("herald_smtp_log_trace", default={})
+
+
+def bind_trace(trace_id: str, span_id: str):
+    """Put trace_id and span_id on every line logged until `unbind_trace(token)`."""
+    return _trace.set({"trace_id": trace_id, "span_id": span_id})
+
+
+def unbind_trace(token) -> None:
+    _trace.reset(token)
+
+
+def trace_fields() -> dict:
+    return _trace.get()
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,6 +36,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        entry.update(trace_fields())
         entry.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[1] is not None:
             # Type and place only: exception text can carry request data.

@@ -104,7 +104,7 @@ class Metrics:
 
     def connection(self, kind: str) -> None:
         """`kind`: "opened" or "reused"."""
-        self.connections.labels(kind).inc()
+        self._child(self.connections, kind).inc()
 
     def init_app(self, app) -> None:
         """Count POST /v1/send requests while they are handled, and the answers the view

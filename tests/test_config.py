@@ -32,6 +32,7 @@ def test_defaults_are_the_contracts():
         "http_body_limit_bytes": 65536,
         "web_concurrency": 2, "web_threads": 8,
         "metrics_require_api_key": False,
+        "otlp_enabled": False, "otlp_endpoint": "",
     }
     assert not cfg.smtp_configured
 
