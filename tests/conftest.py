@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "13"))
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
+pytest_plugins = ("postfix_server",)  # a private Postfix smtpd: postfix, postfix_server, make_postfix
 
 
 def free_port() -> int:
