@@ -71,14 +71,15 @@ class PostfixUnavailable(Exception):
     """Postfix cannot be run here; the message says why (the fixtures skip with it)."""
 
 
-def _postconf(*args) -> str:
+def _built_in(name) -> str:
+    """A parameter's compiled-in value (postconf -d: no need for a system main.cf)."""
     postconf = shutil.which("postconf", path=SBIN_PATH)
-    return subprocess.run([postconf, *args], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run([postconf, "-d", "-h", name], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def version() -> tuple:
     """Postfix's version as (major, minor), from postconf."""
-    return tuple(int(n) for n in re.findall(r"\d+", _postconf("-h", "mail_version"))[:2])
+    return tuple(int(n) for n in re.findall(r"\d+", _built_in("mail_version"))[:2])
 
 
 def unavailable(auth: bool = False):
@@ -352,7 +353,7 @@ postlog unix-dgram n - n - 1 postlogd
 
     def _spawn(self) -> bool:
         """Run the master under the reaper; True once its smtpd greets."""
-        master = os.path.join(_postconf("-h", "daemon_directory"), "master")
+        master = os.path.join(_built_in("daemon_directory"), "master")
         out = open(os.path.join(self.root, "master.out"), "ab")
         self._proc = subprocess.Popen([sys.executable, "-c", _REAPER, master, "-c", self.etc],
                                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
