@@ -40,7 +40,7 @@ QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")  # where a mail 
 START_SECONDS = 10
 
 # Runs between the tests and Postfix's master: a child subreaper, because the master exits on
-# SIGTERM before the daemons it just signalled, and this container's PID 1 never reaps them.
+# SIGTERM before the daemons it just signalled, and this container's PID 1 reaps them late.
 _REAPER = r"""
 import ctypes, os, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
