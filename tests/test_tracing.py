@@ -178,6 +178,13 @@ def test_spans_continue_the_callers_trace_with_no_personal_data(gunicorn, make_s
                                            "herald_smtp.idempotency.state": "done"}
             assert smtp[0]["attributes"]["herald_smtp.smtp.outcome"] == "sent"
             assert smtp[0]["attributes"]["herald_smtp.smtp.message_bytes"] > 100
+            assert smtp[0]["attributes"]["herald_smtp.smtp.relay"] == "primary"
+            assert smtp[0]["attributes"]["herald_smtp.smtp.bytes_sent"] == \
+                smtp[0]["attributes"]["herald_smtp.smtp.message_bytes"]
+            # A reused session: MAIL, RCPT, DATA and the data, one wait each (no PIPELINING here);
+            # a new one first waits for the greeting, EHLO, STARTTLS, EHLO again and AUTH.
+            reused = smtp[0]["attributes"]["herald_smtp.smtp.reused"]
+            assert smtp[0]["attributes"]["herald_smtp.smtp.round_trips"] == (4 if reused else 9)
             assert server_span["attributes"]["http.response.status_code"] == 200
 
     # More sends than the workers' four threads: some sessions were reused, and the span says which.
@@ -189,6 +196,7 @@ def test_spans_continue_the_callers_trace_with_no_personal_data(gunicorn, make_s
     assert only(101, "POST /v1/send")["attributes"]["error.type"] == "idempotency_conflict"
     rejected = only(102, "smtp send")
     assert rejected["attributes"]["herald_smtp.error_code"] == "invalid_destination"
+    assert rejected["attributes"]["herald_smtp.smtp.relay"] == "primary"
     assert rejected["attributes"]["herald_smtp.smtp.outcome"] == "failed"
     deferred = only(103, "POST /v1/send")
     assert deferred["attributes"]["error.type"] == "provider_down" and deferred["status"] == 2  # ERROR
