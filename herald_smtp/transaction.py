@@ -22,7 +22,8 @@ class Stale(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """How a mail went out: by which relay, on a reused session or not, in how many round trips."""
+    """How a mail went out: by which relay, on a reused session or not, in how many round trips
+    (the replies waited for; a new session's from its greeting on)."""
     relay: str
     reused: bool
     round_trips: int
@@ -41,7 +42,7 @@ def deliver(session: Session, sender: str, recipient: str, data: bytes, attempt_
     reused = session.sent > 0
     session.until(attempt_deadline)
     smtp = session.smtp
-    turns = smtp.turns
+    turns = smtp.turns if reused else 0  # a new session's count starts at its greeting
     bdat = chunking and session.extension("chunking")
     written = False
     try:
