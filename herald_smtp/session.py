@@ -118,6 +118,12 @@ def _connect(host: str, port: int, deadline: Deadline) -> _Socket:
     raise error or OSError("the SMTP host has no address")
 
 
+class _CredentialsRefused(smtplib.SMTPResponseException):
+    """535: the server refused the credentials. Not an SMTPAuthenticationError, so smtplib's
+    login() stops here rather than try its next mechanism: at the provider, every try counts as
+    another failed login (and some lock an account after a few)."""
+
+
 class _SMTP(smtplib.SMTP):
     """smtplib on deadline sockets, from the connect through the greeting, TLS and every command.
     `turns` counts the times it waited for the server after speaking (round trips)."""
@@ -141,6 +147,14 @@ class _SMTP(smtplib.SMTP):
     def send(self, s):
         self._spoke = True
         super().send(s)
+
+    def auth(self, mechanism, authobject, *, initial_response_ok=True):
+        try:
+            return super().auth(mechanism, authobject, initial_response_ok=initial_response_ok)
+        except smtplib.SMTPAuthenticationError as e:
+            if e.smtp_code == 535:
+                raise _CredentialsRefused(e.smtp_code, e.smtp_error) from None
+            raise
 
     def getreply(self):
         self.turns += self._spoke
@@ -245,7 +259,7 @@ def _close(smtp) -> None:
 
 
 def _open_failure(e: BaseException, relay: Relay) -> RelayFailed:
-    if isinstance(e, smtplib.SMTPAuthenticationError):
+    if isinstance(e, (smtplib.SMTPAuthenticationError, _CredentialsRefused)):
         if 400 <= e.smtp_code < 500:
             return RelayFailed(SendError("provider_down", "SMTP server deferred authentication "
                                                           f"(temporary {e.smtp_code})"), "deferred")

@@ -45,6 +45,9 @@ def test_a_wrong_password_is_send_failed_and_delivers_nothing(make_app, postfix)
     assert "not-the-password" not in resp.get_data(as_text=True)
     assert postfix.messages() == []
     wait_for(lambda: "SASL PLAIN authentication failed" in postfix.log(), timeout=5)  # refused at AUTH
+    # One failed login at the provider, not one per mechanism (PLAIN, then LOGIN): some lock accounts.
+    wait_for(lambda: "disconnect" in postfix.log(), timeout=5)
+    assert "SASL LOGIN authentication failed" not in postfix.log() and "auth=0/1" in postfix.log()
 
 
 def test_a_recipient_refused_at_rcpt_is_invalid_destination(make_app, postfix):
