@@ -5,14 +5,12 @@ same loader the app uses, so a bad value stops the master with one line before a
 """
 
 import glob
-import json
 import os
 import shutil
 import sys
 import tempfile
 
 from dotenv import load_dotenv
-from gunicorn.glogging import Logger
 
 load_dotenv(override=False)
 
@@ -31,13 +29,14 @@ def _remove_own_metrics_dir():
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from herald_smtp import logs  # noqa: E402
 from herald_smtp.config import ConfigError, load_config  # noqa: E402
 from prometheus_client import multiprocess  # noqa: E402
 
 try:
     _cfg = load_config(os.environ)
 except ConfigError as e:
-    print(f"herald-smtp: configuration error: {e}", file=sys.stderr)
+    logs.config_error(str(e))
     _remove_own_metrics_dir()  # on_exit never runs for a start that stops here
     sys.exit(2)
 
@@ -55,33 +54,13 @@ keepalive = 5
 control_socket_disable = True
 # A header block larger than this is no Herald request.
 limit_request_field_size = 8190
-accesslog = "-"
+accesslog = "-"  # stderr too: GunicornLogger keeps every line on one stream
 errorlog = "-"
 loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"
 
 
-class JsonAccessLogger(Logger):
-    """Access log as one JSON object a line: no headers, no query string, no body."""
-
-    def access(self, resp, req, environ, request_time):
-        if not self.cfg.accesslog:
-            return
-        entry = {
-            "event": "access",
-            "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
-            "status": resp.status_code if hasattr(resp, "status_code") else str(resp.status).split()[0],
-            "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 1),
-            "remote": environ.get("REMOTE_ADDR"),
-        }
-        try:
-            self.access_log.info(json.dumps(entry))
-        except Exception:
-            self.exception("failed to write the access log")
-
-
-logger_class = JsonAccessLogger
+# Every line gunicorn writes (its own messages and the access log) is JSON in our schema, on stderr.
+logger_class = logs.GunicornLogger
 
 
 def worker_exit(server, worker):

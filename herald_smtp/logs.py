@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object a line on stderr.
+"""Structured logs: one JSON object a line on stderr, in one schema for every line the service
+writes (ours, gunicorn's own and its access log): `ts`, `level`, `logger`, `event`, then fields.
 
 Callers pass only safe fields (`extra={"fields": {...}}`): a masked recipient, ids, codes,
 durations. Never a body, subject, header, key or password.
@@ -8,6 +9,8 @@ import json
 import logging
 import sys
 import time
+
+from gunicorn.glogging import Logger
 
 _LEVELS = {"WARN": "WARNING"}
 
@@ -42,6 +45,40 @@ def setup(level: str) -> None:
         handler.herald_smtp = True
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def config_error(message: str, at_reload: bool = False) -> None:
+    """The one line a bad configuration gets, before or instead of anything else."""
+    setup("INFO")
+    event = "configuration error at reload: the running configuration stays" if at_reload else "configuration error"
+    logging.getLogger("herald_smtp.config").error(event, extra={"fields": {"error": message}})
+
+
+class GunicornLogger(Logger):
+    """gunicorn's error and access logs in our schema, both on stderr with our lines."""
+
+    def _set_handler(self, log, output, fmt, stream=None):
+        # gunicorn passes stdout for the access log; one stream keeps every line in order.
+        super()._set_handler(log, output, JsonFormatter(), stream=None)
+
+    def access(self, resp, req, environ, request_time):
+        """Method, path (no query string), status, size, duration, client address, request id."""
+        if not self.access_log_enabled:
+            return
+        status = getattr(resp, "status_code", None) or str(resp.status).split()[0]
+        fields = {
+            "request_id": next((v for k, v in resp.headers if k.lower() == "x-request-id"), None),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": int(status),
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+            "remote": environ.get("REMOTE_ADDR"),
+        }
+        try:
+            self.access_log.info("access", extra={"fields": fields})
+        except Exception:
+            self.exception("failed to write the access log")
 
 
 def mask(address: str) -> str:
