@@ -1,24 +1,40 @@
 """gunicorn settings for herald-smtp: `gunicorn -c gunicorn.conf.py app:app`.
 
-Everything comes from the environment (and `.env`; the real environment wins), parsed by the
-same loader the app uses, so a bad value stops the master with one line before any worker.
+Everything comes from the environment and the env file (`ENV_FILE`, else `.env`; the real
+environment wins), parsed by the same loader the app uses, in the master, at start and at every
+reload (SIGHUP); the workers inherit what the master parsed.
 """
 
 import glob
+import logging
 import os
 import shutil
 import sys
 import tempfile
 
-from dotenv import load_dotenv
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from herald_smtp import config as herald_config, logs  # noqa: E402  (neither imports prometheus_client)
 
-load_dotenv(override=False)
+# At start a bad value stops the master with one line; at a reload (HUP, which runs this file
+# again) it is logged, and the workers gunicorn starts now inherit the configuration in force.
+try:
+    _cfg, _reload_error = herald_config.load_server_config()
+except herald_config.ConfigError as e:
+    logs.config_error(str(e))
+    sys.exit(2)
+if _reload_error is not None:
+    logs.config_error(str(_reload_error), at_reload=True)
+else:
+    logs.setup(_cfg.log_level)
+    for _level, _line in herald_config.warnings(_cfg):
+        logging.getLogger("herald_smtp.config").log(logging.getLevelName(_level.upper()), _line)
 
-# prometheus_client picks multiprocess mode when first imported (herald_smtp imports it), so the
-# directory is named before that: by default a private temp dir, emptied in on_starting.
+# prometheus_client picks multiprocess mode when first imported (herald_smtp's app imports it),
+# so the directory is named before that: by default a private temp dir, emptied in on_starting.
 _METRICS_PREFIX = "herald-smtp-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _cfg.prometheus_multiproc_dir or tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+from prometheus_client import multiprocess  # noqa: E402
 
 
 def _remove_own_metrics_dir():
@@ -27,18 +43,6 @@ def _remove_own_metrics_dir():
     if parent == tempfile.gettempdir() and name.startswith(_METRICS_PREFIX):
         shutil.rmtree(directory, ignore_errors=True)  # ours, made above
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from herald_smtp import logs  # noqa: E402
-from herald_smtp.config import ConfigError, load_config  # noqa: E402
-from prometheus_client import multiprocess  # noqa: E402
-
-try:
-    _cfg = load_config(os.environ)
-except ConfigError as e:
-    logs.config_error(str(e))
-    _remove_own_metrics_dir()  # on_exit never runs for a start that stops here
-    sys.exit(2)
 
 bind = [_cfg.bind]
 # gthread: each worker thread keeps its own SMTP connection open between requests.

@@ -12,6 +12,8 @@ import re
 import tempfile
 from typing import Mapping
 
+from dotenv import dotenv_values
+
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -30,6 +32,7 @@ class ConfigError(ValueError):
 class Config:
     bind: str = "0.0.0.0:8084"
     api_keys: tuple = ()
+    require_api_key: bool = False
     smtp_host: str = ""
     smtp_port: int = 587
     smtp_user: str = ""
@@ -54,6 +57,7 @@ class Config:
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
+    prometheus_multiproc_dir: str = ""
 
     def __repr__(self):  # secrets stay out of tracebacks and debug output
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
@@ -77,10 +81,43 @@ def _secret(env: Mapping[str, str], name: str) -> str:
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"{name}_FILE: cannot read the file ({e.strerror})") from None
+                value = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}_FILE: cannot read the file ({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+        if not value:  # an empty secret must never mean "no password" or "no key"
+            raise ConfigError(f"{name}_FILE: the file is empty")
+        return value
     return env.get(name, "")
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple:
+    source = "API_KEY_FILE" if env.get("API_KEY_FILE") else "API_KEY"
+    keys = tuple(k.strip() for k in re.split(r"[,\n]", _secret(env, "API_KEY")) if k.strip())
+    if source == "API_KEY_FILE" and not keys:
+        raise ConfigError("API_KEY_FILE: the file holds no key")
+    for key in keys:
+        # Header values reach us as Latin-1; a key outside printable ASCII could never match.
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(f"{source}: a key has a character outside printable ASCII; it could never match")
+    return keys
+
+
+def environment(env: Mapping[str, str] = None) -> dict:
+    """The settings as the service reads them: the env file (`ENV_FILE`, else `.env` in the working
+    directory, if there is one; KEY=value lines) with the real environment on top."""
+    env = os.environ if env is None else env
+    path = env.get("ENV_FILE", "").strip()
+    try:
+        with open(path or ".env", encoding="utf-8") as f:
+            values = dotenv_values(stream=f)
+    except FileNotFoundError:
+        if path:
+            raise ConfigError("ENV_FILE: no such file") from None
+        values = {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{'ENV_FILE' if path else '.env'}: cannot read the file "
+                          f"({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+    return {**{k: v for k, v in values.items() if v is not None}, **env}
 
 
 def _bool(env, name, default):
@@ -128,6 +165,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warnings(cfg: Config):
+    """(level, line) for each risky but allowed setting: said at every start and by `check`."""
+    host = cfg.bind.rpartition(":")[0]
+    if not cfg.api_keys and not is_loopback(host):
+        yield "error", (f"API_KEY is empty and the service listens on {cfg.bind}, beyond this host: anyone who "
+                        "reaches the port can send mail through it (set API_KEY; REQUIRE_API_KEY=true refuses "
+                        "to start without one)")
+    elif not cfg.api_keys:
+        yield "warning", "API_KEY is empty: anyone who can reach the service can send mail through it"
+    if cfg.smtp_skip_tls_verify:
+        yield "warning", "SMTP_SKIP_TLS_VERIFY is true: the SMTP server's certificate is not checked"
+    if not (cfg.smtp_use_tls or cfg.smtp_use_starttls) and cfg.smtp_host and not is_loopback(cfg.smtp_host):
+        yield "warning", "TLS is off: mail and codes cross the network in clear"
+
+
 def default_idempotency_store(env: Mapping[str, str]) -> str:
     # The file holds minutes of keys, so a tmpfs suits it: writes cost less, and it is gone at
     # reboot. systemd's RuntimeDirectory= (under /run) sets RUNTIME_DIRECTORY. Elsewhere a
@@ -140,12 +192,37 @@ def default_idempotency_store(env: Mapping[str, str]) -> str:
     return "sqlite:///" + os.path.join(directory, "herald-smtp-idempotency.sqlite3").lstrip("/")
 
 
+# The gunicorn master's configuration (load_server_config, run by gunicorn.conf.py at start and at
+# each reload). Its workers inherit it through fork, so they serve exactly what the master checked,
+# even if a file changed since, and a bad configuration at reload leaves the previous one in force.
+_in_force = None
+
+
+def load_server_config():
+    """(Config, None), or at a reload with a bad value (the Config in force, the ConfigError).
+    At the first load a bad value raises ConfigError."""
+    global _in_force
+    try:
+        cfg = load_config(environment())
+    except ConfigError as e:
+        if _in_force is None:
+            raise
+        return _in_force, e
+    _in_force = cfg
+    return cfg, None
+
+
+def server_config() -> Config:
+    """What the app serves: the gunicorn master's configuration, else (no master) loaded now."""
+    return _in_force or load_config(environment())
+
+
 def load_config(env: Mapping[str, str] = None) -> Config:
     env = os.environ if env is None else env
-    keys = tuple(k.strip() for k in re.split(r"[,\n]", _secret(env, "API_KEY")) if k.strip())
     cfg = Config(
         bind=_bind(env.get("PORT", "")),
-        api_keys=keys,
+        api_keys=_api_keys(env),
+        require_api_key=_bool(env, "REQUIRE_API_KEY", False),
         smtp_host=env.get("SMTP_HOST", "").strip(),
         smtp_port=_number(env, "SMTP_PORT", 587),
         smtp_user=env.get("SMTP_USER", ""),
@@ -170,6 +247,7 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
+        prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
     )
     _check(cfg)
     return cfg
@@ -191,6 +269,8 @@ def _check(cfg: Config) -> None:
     if cfg.smtp_user and not encrypted and cfg.smtp_host and not is_loopback(cfg.smtp_host):
         raise ConfigError("SMTP_USER is set but TLS is off: credentials are only sent over "
                           "STARTTLS or implicit TLS to a non-loopback host")
+    if cfg.require_api_key and not cfg.api_keys:
+        raise ConfigError("REQUIRE_API_KEY: true, but API_KEY is empty; set a key or API_KEY_FILE")
     if cfg.metrics_require_api_key and not cfg.api_keys:
         raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
     store = cfg.idempotency_store

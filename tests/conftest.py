@@ -268,8 +268,9 @@ def redis_url():
 class Gunicorn:
     """gunicorn as a real process with the project's gunicorn.conf.py."""
 
-    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT):
-        """workers or threads None: the service's own default. stdout: where it goes (with stderr by default)."""
+    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT):
+        """workers or threads None: the service's own default. stdout: where it goes (with stderr by
+        default). cwd: the working directory, where `.env` is read."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items()
@@ -279,8 +280,8 @@ class Gunicorn:
         full.update(env)
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-                                     cwd=ROOT, env=full, stderr=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
+                                      "app:app"], cwd=cwd, env=full, stderr=self.log,
                                      stdout=self.log if stdout == subprocess.STDOUT else stdout)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
