@@ -45,8 +45,10 @@ def _remove_own_metrics_dir():
 
 
 bind = [_cfg.bind]
-# gthread: each worker thread keeps its own SMTP connection open between requests.
-worker_class = "gthread"
+# gthread: each worker thread keeps its own SMTP connection open between requests. Ours reads
+# each request in the worker's main loop and gives it to a thread only when it has all arrived,
+# within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS (herald_smtp/worker.py).
+worker_class = "herald_smtp.worker.ThreadWorker"
 workers = _cfg.web_concurrency
 threads = _cfg.web_threads
 # In-flight sends get their whole SMTP deadline to finish on SIGTERM, plus a margin.
@@ -56,8 +58,10 @@ timeout = int(_cfg.smtp_timeout_seconds) + 30
 keepalive = 5
 # gunicorn 27's control socket lives in $HOME, which the service user may not have.
 control_socket_disable = True
-# A header block larger than this is no Herald request.
-limit_request_field_size = 8190
+# A header block larger than this is no Herald request; the worker holds at most this much
+# (about 135 KB) of a head that is still arriving.
+limit_request_field_size = 4094
+limit_request_fields = 32
 accesslog = "-"  # stderr too: GunicornLogger keeps every line on one stream
 errorlog = "-"
 loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"

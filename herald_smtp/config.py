@@ -54,6 +54,8 @@ class Config:
     idempotency_max_entries: int = 10000
     idempotency_fail_open: bool = False
     http_body_limit_bytes: int = 65536
+    http_header_timeout_seconds: float = 10.0
+    http_body_timeout_seconds: float = 10.0
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
@@ -244,6 +246,8 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         idempotency_max_entries=_number(env, "IDEMPOTENCY_MAX_ENTRIES", 10000),
         idempotency_fail_open=_bool(env, "IDEMPOTENCY_FAIL_OPEN", False),
         http_body_limit_bytes=_number(env, "HTTP_BODY_LIMIT_BYTES", 65536),
+        http_header_timeout_seconds=_number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, float, 0.1),
+        http_body_timeout_seconds=_number(env, "HTTP_BODY_TIMEOUT_SECONDS", 10.0, float, 0.1),
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
