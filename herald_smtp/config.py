@@ -13,6 +13,8 @@ import tempfile
 from typing import Mapping
 
 from dotenv import dotenv_values
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -120,6 +122,14 @@ def environment(env: Mapping[str, str] = None) -> dict:
         raise ConfigError(f"{'ENV_FILE' if path else '.env'}: cannot read the file "
                           f"({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
     return {**{k: v for k, v in values.items() if v is not None}, **env}
+
+
+def _decoded(value: str) -> str:
+    """RFC 2047 words decoded; a NUL for words that cannot be, so they are refused too."""
+    try:
+        return str(make_header(decode_header(value)))
+    except (HeaderParseError, LookupError, UnicodeError, ValueError):
+        return "\x00"
 
 
 def _bool(env, name, default):
@@ -265,8 +275,20 @@ def _check(cfg: Config) -> None:
     for name in ("SMTP_HOST", "SMTP_FROM", "SMTP_FROM_NAME", "SMTP_USER", "SMTP_HELO_NAME"):
         if has_control_chars(getattr(cfg, name.lower())):
             raise ConfigError(f"{name}: contains a control character")
+    # The From header's parser decodes RFC 2047 words in the display name: "=?utf-8?q?Acme=0D=0ABcc..."
+    # would write a header line of its own. decode_header finds every word that parser would.
+    if "=?" in cfg.smtp_from_name and has_control_chars(_decoded(cfg.smtp_from_name)):
+        raise ConfigError("SMTP_FROM_NAME: contains an encoded control character (or an encoded word "
+                          "that cannot be decoded)")
     if cfg.smtp_from and not re.fullmatch(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+", cfg.smtp_from):
         raise ConfigError("SMTP_FROM: expected a plain address like noreply@example.com")
+    local, _, domain = cfg.smtp_from.rpartition("@")
+    if not local.isascii():  # it would need SMTPUTF8, which the sender does not use
+        raise ConfigError("SMTP_FROM: the part before @ must be ASCII (the domain may be internationalised)")
+    try:
+        domain.encode("idna")
+    except UnicodeError:
+        raise ConfigError("SMTP_FROM: the domain is not a valid (internationalised) domain name") from None
     if cfg.smtp_ca_file and not os.path.isfile(cfg.smtp_ca_file):
         raise ConfigError("SMTP_CA_FILE: no such file")
     encrypted = cfg.smtp_use_tls or cfg.smtp_use_starttls
