@@ -59,6 +59,22 @@ def test_every_line_of_a_run_is_json_in_one_schema_on_stderr(smtp_server, gunico
     traced = [e for e in entries if e.get("request_id") == "trace-4242"]
     assert [(e["logger"], e["event"]) for e in traced] == [("herald_smtp.api", "sent"), ("gunicorn.access", "access")]
     assert traced[1]["status"] == 200 and traced[1]["path"] == "/v1/send"
+    # Each holds exactly the fields the README's table gives it.
+    assert set(traced[0]) - COMMON == readme_fields("herald_smtp.api", "`sent`")
+    assert set(traced[1]) - COMMON == readme_fields("gunicorn.access", "`access`")
+
+
+COMMON = {"ts", "level", "logger", "event"}
+
+
+def readme_fields(logger, event):
+    """The backquoted names in the last column of the README's Logs table row for logger and event."""
+    with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[0] == f"`{logger}`" and cells[1].startswith(event):
+                return set(re.findall(r"`([a-z_]+)`", cells[2])) - {"x_request_id"}
+    raise AssertionError(f"no README row for {logger} {event}")
 
 
 def test_a_bad_configuration_is_one_json_line_naming_the_variable():
