@@ -6,6 +6,7 @@ app factory reads os.environ.
 """
 
 import dataclasses
+import io
 import ipaddress
 import os
 import re
@@ -13,6 +14,7 @@ import tempfile
 from typing import Mapping
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
@@ -111,16 +113,22 @@ def environment(env: Mapping[str, str] = None) -> dict:
     directory, if there is one; KEY=value lines) with the real environment on top."""
     env = os.environ if env is None else env
     path = env.get("ENV_FILE", "").strip()
+    name = "ENV_FILE" if path else ".env"
     try:
         with open(path or ".env", encoding="utf-8") as f:
-            values = dotenv_values(stream=f)
+            text = f.read()
     except FileNotFoundError:
         if path:
             raise ConfigError("ENV_FILE: no such file") from None
-        values = {}
+        return dict(env)
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{'ENV_FILE' if path else '.env'}: cannot read the file "
-                          f"({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+        raise ConfigError(f"{name}: cannot read the file ({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+    # python-dotenv skips a line it cannot read (and says so in plain text): a mistyped API_KEY line
+    # would quietly leave the service without a key.
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(f"{name}: line {binding.original.line} is not KEY=value")
+    values = dotenv_values(stream=io.StringIO(text))
     return {**{k: v for k, v in values.items() if v is not None}, **env}
 
 

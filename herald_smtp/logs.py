@@ -36,15 +36,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str) -> None:
-    """Send the `herald_smtp` loggers to stderr as JSON (idempotent: safe per app)."""
-    logger = logging.getLogger("herald_smtp")
-    logger.setLevel(_LEVELS.get(level, level))
-    if not any(getattr(h, "herald_smtp", False) for h in logger.handlers):
+    """Log at `level` from the `herald_smtp` loggers, and write every logger's lines (a library's
+    warnings too, and Python's `warnings`) to stderr as JSON. Idempotent: safe per app."""
+    logging.getLogger("herald_smtp").setLevel(_LEVELS.get(level, level))
+    root = logging.getLogger()
+    if not any(getattr(h, "herald_smtp", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         handler.herald_smtp = True
-        logger.addHandler(handler)
-        logger.propagate = False
+        root.addHandler(handler)
+        logging.captureWarnings(True)
 
 
 def config_error(message: str, at_reload: bool = False) -> None:

@@ -95,3 +95,13 @@ def test_a_worker_killed_mid_run_is_logged_as_json(smtp_server, gunicorn):
     time.sleep(0.5)
     entries = parse(g.stop())
     assert any(f"(pid:{pid})" in e["event"] and e["level"] == "error" for e in entries), [e["event"] for e in entries]
+
+
+def test_a_librarys_log_line_and_a_python_warning_are_json_too():
+    code = ("import logging, warnings; from herald_smtp import logs; logs.setup('INFO'); "
+            "logging.getLogger('somelib').warning('library says %s', 'hi'); warnings.warn('deprecated thing')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout == ""
+    entries = parse(proc.stderr)
+    assert [(e["logger"], e["level"]) for e in entries] == [("somelib", "warning"), ("py.warnings", "warning")]
+    assert entries[0]["event"] == "library says hi"

@@ -68,7 +68,8 @@ def test_the_real_environment_still_wins_over_dot_env_after_a_reload(smtp_server
     assert (status(g, OLD), status(g, NEW)) == (200, 401)
 
 
-@pytest.mark.parametrize("breakage", ["bad value in the env file", "secret file emptied", "env file gone"])
+@pytest.mark.parametrize("breakage", ["bad value in the env file", "secret file emptied", "env file gone",
+                                      "a line that is not KEY=value"])
 def test_a_bad_configuration_at_reload_is_logged_and_the_old_one_serves(smtp_server, gunicorn, tmp_path, breakage):
     env_file, secret = tmp_path / "env", tmp_path / "api_key"
     settings = "\n".join(f"{k}={v}" for k, v in smtp_server.env().items())
@@ -78,9 +79,11 @@ def test_a_bad_configuration_at_reload_is_logged_and_the_old_one_serves(smtp_ser
     assert (status(g, OLD), status(g, "")) == (200, 401)
 
     variable = {"bad value in the env file": "SMTP_PORT", "secret file emptied": "API_KEY_FILE",
-                "env file gone": "ENV_FILE"}[breakage]
+                "env file gone": "ENV_FILE", "a line that is not KEY=value": "ENV_FILE"}[breakage]
     if breakage == "bad value in the env file":
         env_file.write_text(f"{settings}\nAPI_KEY_FILE={secret}\nSMTP_PORT=abc\n")
+    elif breakage == "a line that is not KEY=value":  # python-dotenv would skip it: no API_KEY_FILE
+        env_file.write_text(f"{settings}\nAPI_KEY_FILE {secret}\n")
     elif breakage == "secret file emptied":
         secret.write_text("\n")
     else:
