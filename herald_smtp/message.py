@@ -100,7 +100,7 @@ class MessageBuilder:
         self.domain = _ascii_domain(cfg.smtp_from)
         self.sender = f"{local}@{self.domain}" if local else ""
         self.from_header = Address(display_name=cfg.smtp_from_name, addr_spec=self.sender) if self.sender else None
-        self._from_line = _fold("From", self.from_header)
+        self._from_line = _from(self.from_header)
 
     def build(self, req: SendRequest) -> Envelope:
         """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write,
@@ -153,6 +153,15 @@ _fold_cached = functools.lru_cache(maxsize=512)(_fold)  # locales repeat
 _LONG_WORD = re.compile(r"\S{60}")
 
 
+def _encoded_words(name: str, text: str) -> str:
+    """`text` as RFC 2047 encoded words that each carry their own spaces, folded for header `name`."""
+    return Header(text, "utf-8", header_name=name).encode(linesep="\r\n", maxlinelen=76)
+
+
+def _needs_encoded_words(text: str) -> bool:
+    return not text.isascii() or _LONG_WORD.search(text) is not None
+
+
 @functools.lru_cache(maxsize=512)  # subjects repeat
 def _subject(subject: str) -> bytes:
     """The Subject line, so that every space survives decoding. The policy's folder writes the
@@ -160,10 +169,25 @@ def _subject(subject: str) -> bytes:
     which decoders drop (RFC 2047, 6.2): "учётную запись пользователя" became "записьпользователя".
     Text it must encode (not ASCII, or a word too long for a line) goes out as encoded words that
     each carry their own spaces, none longer than RFC 2047's 75 characters."""
-    if subject.isascii() and not _LONG_WORD.search(subject):
+    if not _needs_encoded_words(subject):
         return _fold("Subject", subject)
-    encoded = Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n", maxlinelen=76)
-    return b"Subject: " + encoded.encode("ascii") + b"\r\n"
+    return f"Subject: {_encoded_words('Subject', subject)}\r\n".encode("ascii")
+
+
+def from_value(address) -> str:
+    """The From value when the display name needs encoded words (else None): as for a subject, the
+    policy's folder loses spaces between them ("été κωδικός" read as "étéκωδικός")."""
+    if address is None or not _needs_encoded_words(address.display_name):
+        return None
+    value = f"{_encoded_words('From', address.display_name)} <{address.addr_spec}>"
+    if len(("From: " + value).rpartition("\n")[2]) > POLICY.max_line_length:
+        value = value.replace(" <", "\r\n <")
+    return value
+
+
+def _from(address) -> bytes:
+    value = from_value(address)
+    return _fold("From", address) if value is None else f"From: {value}\r\n".encode("ascii")
 
 
 def _short(name: str, value: str) -> bytes:

@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+from email.header import decode_header, make_header
 
 import pytest
 
@@ -44,6 +45,21 @@ def test_every_space_of_a_non_ascii_subject_survives(client, smtp_server):
         assert smtp_server.parsed(i)["subject"] == subject[:998], (subject, head)
         assert max(head) < 0x80 and max(len(line) for line in head.split(b"\r\n")) <= 78
         assert all(len(word) <= 75 for word in re.findall(rb"=\?[^?\s]+\?[bqBQ]\?[^?\s]*\?=", head))
+
+
+def test_every_space_of_a_non_ascii_sender_name_survives(make_app, smtp_server):
+    # Decoded as RFC 2047 says (6.2: whitespace between two encoded words is ignored), by the
+    # stdlib's legacy decoder: policy.default's address parser keeps that whitespace in a name.
+    names = [name[:300] for name in random_subjects(120, seed=5322)]
+    for name in names:
+        client = make_app(smtp_server.env(SMTP_FROM_NAME=name.strip())).test_client()
+        assert send_json(client, {"to": "a@example.com", "body": "1"}, key=unique_key()).status_code == 200
+    for i, name in enumerate(names):
+        head = smtp_server.messages[i].original_content.split(b"\r\n\r\n", 1)[0]
+        value = re.search(rb"^From: (.*?) ?<noreply@example.com>\r$", head + b"\r", re.M | re.S).group(1)
+        assert str(make_header(decode_header(value.decode().replace("\r\n", "")))).strip('"') == name.strip()
+        assert max(head) < 0x80 and max(len(line) for line in head.split(b"\r\n")) <= 78
+        assert smtp_server.messages[i].mail_from == "noreply@example.com"
 
 
 def test_control_characters_in_the_text_are_transfer_encoded(client, smtp_server):

@@ -2,12 +2,12 @@
 writes for the same request, so the wire format stays the stdlib's, byte for byte.
 
 The reference below is the EmailMessage construction build() used before it was made fast, with
-one exception: a Subject the policy would write as RFC 2047 encoded words (not ASCII, or a word
-too long for a line) is set raw, as email.header.Header encodes it, because the policy's folder
-loses the space between two encoded words (tests/test_message.py decodes random subjects to show
-that build() keeps every one), and text with control characters is set with quoted-printable,
-which the stdlib would send raw under 7bit. Date, Message-ID and the multipart boundary differ per message;
-they are compared by shape.
+two exceptions. A Subject or From display name the policy would write as RFC 2047 encoded words
+(not ASCII, or a word too long for a line) is set raw, as email.header.Header encodes it, because
+the policy's folder loses the space between two encoded words (tests/test_encodings.py decodes
+random subjects and names to show that build() keeps every one). Text with control characters is
+set with quoted-printable, which the stdlib would send raw under 7bit. Date, Message-ID and the
+multipart boundary differ per message; they are compared by shape.
 """
 
 import random
@@ -23,13 +23,16 @@ import pytest
 from herald_smtp.config import load_config
 from herald_smtp.errors import SendError
 from herald_smtp.message import (_LANGUAGE_TAG, POLICY, MessageBuilder, SendRequest, effective_body, recipient,
-                                 transfer_encoding)
+                                 from_value, transfer_encoding)
 
 
 def reference(builder, req):
     to = recipient(req.to)
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = builder.from_header
+    if from_value(builder.from_header) is None:
+        msg["From"] = builder.from_header
+    else:
+        msg.set_raw("From", from_value(builder.from_header))
     msg["To"] = to
     subject = req.subject or "Verification code"
     if subject.isascii() and not re.search(r"\S{60}", subject):
