@@ -2,6 +2,9 @@
 #   docker build -t herald-smtp .
 #   docker run --rm -p 8084:8084 --env-file .env --read-only --tmpfs /tmp -v herald-smtp-data:/data herald-smtp
 # No secret is baked in: configuration comes from the environment (or *_FILE secrets) at run time.
+# The API key, as a secret file (an edit applies at `docker kill -s HUP <container>`):
+#   docker run ... -e API_KEY_FILE=/run/secrets/api_key -v "$PWD/api_key:/run/secrets/api_key:ro" herald-smtp
+# or as API_KEY=<a long random string> in the --env-file (a new value needs a new container).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # Dependencies go into a venv in a throwaway stage; only the venv is copied on.

@@ -1,26 +1,40 @@
 """gunicorn settings for herald-smtp: `gunicorn -c gunicorn.conf.py app:app`.
 
-Everything comes from the environment (and `.env`; the real environment wins), parsed by the
-same loader the app uses, so a bad value stops the master with one line before any worker.
+Everything comes from the environment and the env file (`ENV_FILE`, else `.env`; the real
+environment wins), parsed by the same loader the app uses, in the master, at start and at every
+reload (SIGHUP); the workers inherit what the master parsed.
 """
 
 import glob
-import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 
-from dotenv import load_dotenv
-from gunicorn.glogging import Logger
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from herald_smtp import config as herald_config, logs  # noqa: E402  (neither imports prometheus_client)
 
-load_dotenv(override=False)
+# At start a bad value stops the master with one line; at a reload (HUP, which runs this file
+# again) it is logged, and the workers gunicorn starts now inherit the configuration in force.
+try:
+    _cfg, _reload_error = herald_config.load_server_config()
+except herald_config.ConfigError as e:
+    logs.config_error(str(e))
+    sys.exit(2)
+if _reload_error is not None:
+    logs.config_error(str(_reload_error), at_reload=True)
+else:
+    logs.setup(_cfg.log_level)
+    for _level, _line in herald_config.warnings(_cfg):
+        logging.getLogger("herald_smtp.config").log(logging.getLevelName(_level.upper()), _line)
 
-# prometheus_client picks multiprocess mode when first imported (herald_smtp imports it), so the
-# directory is named before that: by default a private temp dir, emptied in on_starting.
+# prometheus_client picks multiprocess mode when first imported (herald_smtp's app imports it),
+# so the directory is named before that: by default a private temp dir, emptied in on_starting.
 _METRICS_PREFIX = "herald-smtp-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _cfg.prometheus_multiproc_dir or tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+from prometheus_client import multiprocess  # noqa: E402
 
 
 def _remove_own_metrics_dir():
@@ -30,20 +44,11 @@ def _remove_own_metrics_dir():
         shutil.rmtree(directory, ignore_errors=True)  # ours, made above
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from herald_smtp.config import ConfigError, load_config  # noqa: E402
-from prometheus_client import multiprocess  # noqa: E402
-
-try:
-    _cfg = load_config(os.environ)
-except ConfigError as e:
-    print(f"herald-smtp: configuration error: {e}", file=sys.stderr)
-    _remove_own_metrics_dir()  # on_exit never runs for a start that stops here
-    sys.exit(2)
-
 bind = [_cfg.bind]
-# gthread: each worker thread keeps its own SMTP connection open between requests.
-worker_class = "gthread"
+# gthread: each worker thread keeps its own SMTP connection open between requests. Ours reads
+# each request in the worker's main loop and gives it to a thread only when it has all arrived,
+# within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS (herald_smtp/worker.py).
+worker_class = "herald_smtp.worker.ThreadWorker"
 workers = _cfg.web_concurrency
 threads = _cfg.web_threads
 # In-flight sends get their whole SMTP deadline to finish on SIGTERM, plus a margin.
@@ -53,36 +58,17 @@ timeout = int(_cfg.smtp_timeout_seconds) + 30
 keepalive = 5
 # gunicorn 27's control socket lives in $HOME, which the service user may not have.
 control_socket_disable = True
-# A header block larger than this is no Herald request.
-limit_request_field_size = 8190
-accesslog = "-"
+# A header block larger than this is no Herald request; the worker holds at most this much
+# (about 135 KB) of a head that is still arriving.
+limit_request_field_size = 4094
+limit_request_fields = 32
+accesslog = "-"  # stderr too: GunicornLogger keeps every line on one stream
 errorlog = "-"
 loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"
 
 
-class JsonAccessLogger(Logger):
-    """Access log as one JSON object a line: no headers, no query string, no body."""
-
-    def access(self, resp, req, environ, request_time):
-        if not self.cfg.accesslog:
-            return
-        entry = {
-            "event": "access",
-            "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
-            "status": resp.status_code if hasattr(resp, "status_code") else str(resp.status).split()[0],
-            "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 1),
-            "remote": environ.get("REMOTE_ADDR"),
-        }
-        entry.update(environ.get("herald_smtp.trace", {}))  # trace_id, span_id (herald_smtp.tracing)
-        try:
-            self.access_log.info(json.dumps(entry))
-        except Exception:
-            self.exception("failed to write the access log")
-
-
-logger_class = JsonAccessLogger
+# Every line gunicorn writes (its own messages and the access log) is JSON in our schema, on stderr.
+logger_class = logs.GunicornLogger
 
 
 def worker_exit(server, worker):

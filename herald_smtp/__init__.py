@@ -2,7 +2,6 @@
 
 import dataclasses
 import logging
-import os
 import re
 import uuid
 from typing import Mapping
@@ -11,11 +10,10 @@ from flask import Flask, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import logs
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, server_config
 from .errors import SendError, envelope, from_http_status
 from .idempotency import Evictions, open_store
 from .message import MessageBuilder
-from .metrics import Metrics
 from .tracing import Tracing, for_config as tracing_for
 from .transport import Transport
 
@@ -42,12 +40,10 @@ class Service:
 
 
 def create_app(config=None) -> Flask:
-    """Build the app. `config`: a Config, an environment mapping, or None for os.environ (+ .env)."""
+    """Build the app. `config`: a Config, an environment mapping, or None for the server's own
+    (the gunicorn master's, else the environment and the env file)."""
     if config is None:
-        from dotenv import load_dotenv
-
-        load_dotenv(override=False)  # the real environment wins over .env
-        config = load_config(os.environ)
+        config = server_config()
     elif isinstance(config, Mapping):
         config = load_config(config)
     logs.setup(config.log_level)
@@ -56,6 +52,8 @@ def create_app(config=None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.http_body_limit_bytes
+    from .metrics import Metrics  # not before: gunicorn.conf.py names PROMETHEUS_MULTIPROC_DIR first
+
     metrics = Metrics()
     traces = tracing_for(config)
     traces.init_app(app)  # first hooks: every log line of a request then carries its trace ids

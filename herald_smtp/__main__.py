@@ -12,7 +12,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     check = commands.add_parser(
         "check", help="check the configuration and that a send would work, without sending",
-        description="Load the configuration as the service does (.env, then the environment), report "
+        description="Load the configuration as the service does (the env file, then the environment), report "
                     "every problem, then go as far as a real send over SMTP (EHLO, STARTTLS, AUTH, "
                     "MAIL FROM) and RSET instead of sending. Prints no secret.",
         epilog="exit status: 0 a send would work, 1 it would fail (reason on the last line), "

@@ -1,6 +1,6 @@
 """`python -m herald_smtp check`: would a send work with this configuration?
 
-Loads the configuration as the service does (.env, then the real environment on top), reports
+Loads the configuration as the service does (ENV_FILE or .env, then the real environment on top), reports
 every problem it finds, then goes as far as a real send (EHLO, STARTTLS, AUTH, MAIL FROM) and
 says RSET instead of sending. Prints no secret, no SMTP host and no recipient.
 """
@@ -9,7 +9,7 @@ import os
 import re
 import time
 
-from .config import Config, ConfigError, is_loopback, load_config
+from .config import Config, ConfigError, environment, load_config, warnings
 from .errors import SendError
 from .idempotency import StoreUnavailable, open_store, sqlite_path
 from .logs import mask
@@ -21,17 +21,20 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def run(send_to: str = "", out=print) -> int:
     """Print one line per finding and a verdict line last; return the exit status."""
-    from dotenv import load_dotenv
-
-    load_dotenv(override=False)  # as create_app: the real environment wins over .env
-    cfg, problems = _load(os.environ)
+    try:
+        env = environment()  # as the service: the env file, with the real environment on top
+    except ConfigError as e:
+        out(f"problem: {e}")
+        out("check failed: 1 configuration problem(s); the service would not start")
+        return EXIT_CONFIG
+    cfg, problems = _load(env)
     for problem in problems:
         out(f"problem: {problem}")
     if cfg is None:
         out(f"check failed: {len(problems)} configuration problem(s); the service would not start")
         return EXIT_CONFIG
     out("ok: configuration loaded")
-    for warning in _warnings(cfg):
+    for _, warning in warnings(cfg):
         out(f"warning: {warning}")
     if not cfg.smtp_configured:
         out("check failed: SMTP_HOST and SMTP_FROM must be set; every send would answer 503")
@@ -83,15 +86,6 @@ def _load(env):
             del env[name.group()]
             continue
         return (None if problems else cfg), problems
-
-
-def _warnings(cfg: Config):
-    if not cfg.api_keys:
-        yield "API_KEY is empty: anyone who can reach the service can send mail through it"
-    if cfg.smtp_skip_tls_verify:
-        yield "SMTP_SKIP_TLS_VERIFY is true: the SMTP server's certificate is not checked"
-    if not (cfg.smtp_use_tls or cfg.smtp_use_starttls) and cfg.smtp_host and not is_loopback(cfg.smtp_host):
-        yield "TLS is off: mail and codes cross the network in clear"
 
 
 def _mode(relay) -> str:

@@ -7,6 +7,7 @@ app factory reads os.environ.
 
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import os
 import re
@@ -16,6 +17,11 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from . import redis_url
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -51,6 +57,7 @@ class Relay:
 class Config:
     bind: str = "0.0.0.0:8084"
     api_keys: tuple = ()
+    require_api_key: bool = False
     smtp_host: str = ""
     smtp_port: int = 587
     smtp_user: str = ""
@@ -75,11 +82,14 @@ class Config:
     idempotency_max_entries: int = 1_200_000
     idempotency_fail_open: bool = False
     http_body_limit_bytes: int = 65536
+    http_header_timeout_seconds: float = 10.0
+    http_body_timeout_seconds: float = 10.0
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
     otlp_enabled: bool = False
     otlp_endpoint: str = ""  # the collector's full traces URL (.../v1/traces)
+    prometheus_multiproc_dir: str = ""
 
     def __repr__(self):  # secrets stay out of tracebacks and debug output
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
@@ -120,10 +130,57 @@ def _secret(env: Mapping[str, str], name: str) -> str:
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read().strip()
-        except OSError as e:
-            raise ConfigError(f"{name}_FILE: cannot read the file ({e.strerror})") from None
+                value = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}_FILE: cannot read the file ({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+        if not value:  # an empty secret must never mean "no password" or "no key"
+            raise ConfigError(f"{name}_FILE: the file is empty")
+        return value
     return env.get(name, "")
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple:
+    source = "API_KEY_FILE" if env.get("API_KEY_FILE") else "API_KEY"
+    keys = tuple(k.strip() for k in re.split(r"[,\n]", _secret(env, "API_KEY")) if k.strip())
+    if source == "API_KEY_FILE" and not keys:
+        raise ConfigError("API_KEY_FILE: the file holds no key")
+    for key in keys:
+        # Header values reach us as Latin-1; a key outside printable ASCII could never match.
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(f"{source}: a key has a character outside printable ASCII; it could never match")
+    return keys
+
+
+def environment(env: Mapping[str, str] = None) -> dict:
+    """The settings as the service reads them: the env file (`ENV_FILE`, else `.env` in the working
+    directory, if there is one; KEY=value lines) with the real environment on top."""
+    env = os.environ if env is None else env
+    path = env.get("ENV_FILE", "").strip()
+    name = "ENV_FILE" if path else ".env"
+    try:
+        with open(path or ".env", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if path:
+            raise ConfigError("ENV_FILE: no such file") from None
+        return dict(env)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{name}: cannot read the file ({getattr(e, 'strerror', None) or 'not UTF-8'})") from None
+    # python-dotenv skips a line it cannot read (and says so in plain text): a mistyped API_KEY line
+    # would quietly leave the service without a key.
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigError(f"{name}: line {binding.original.line} is not KEY=value")
+    values = dotenv_values(stream=io.StringIO(text))
+    return {**{k: v for k, v in values.items() if v is not None}, **env}
+
+
+def _decoded(value: str) -> str:
+    """RFC 2047 words decoded; a NUL for words that cannot be, so they are refused too."""
+    try:
+        return str(make_header(decode_header(value)))
+    except (HeaderParseError, LookupError, UnicodeError, ValueError):
+        return "\x00"
 
 
 def _bool(env, name, default):
@@ -218,6 +275,24 @@ def _otlp_endpoint(raw: str) -> str:
     return url._replace(path=path).geturl()
 
 
+def warnings(cfg: Config):
+    """(level, line) for each risky but allowed setting: said at every start and by `check`."""
+    host = cfg.bind.rpartition(":")[0]
+    if not cfg.api_keys and not is_loopback(host):
+        yield "error", (f"API_KEY is empty and the service listens on {cfg.bind}, beyond this host: anyone who "
+                        "reaches the port can send mail through it (set API_KEY; REQUIRE_API_KEY=true refuses "
+                        "to start without one)")
+    elif not cfg.api_keys:
+        yield "warning", "API_KEY is empty: anyone who can reach the service can send mail through it"
+    for relay in cfg.relays:
+        server = "the SMTP server's" if relay.name == "primary" else f"{relay.name}'s"
+        if relay.skip_tls_verify:
+            yield "warning", f"{relay.prefix}SKIP_TLS_VERIFY is true: {server} certificate is not checked"
+        if not (relay.use_tls or relay.use_starttls) and relay.host and not is_loopback(relay.host):
+            yield "warning", (f"TLS is off{'' if relay.name == 'primary' else ' to ' + relay.name}: mail and codes "
+                              "cross the network in clear")
+
+
 def default_idempotency_store(env: Mapping[str, str]) -> str:
     # The file holds minutes of keys, so a tmpfs suits it: writes cost less, and it is gone at
     # reboot. systemd's RuntimeDirectory= (under /run) sets RUNTIME_DIRECTORY. Elsewhere a
@@ -230,12 +305,37 @@ def default_idempotency_store(env: Mapping[str, str]) -> str:
     return "sqlite:///" + os.path.join(directory, "herald-smtp-idempotency.sqlite3").lstrip("/")
 
 
+# The gunicorn master's configuration (load_server_config, run by gunicorn.conf.py at start and at
+# each reload). Its workers inherit it through fork, so they serve exactly what the master checked,
+# even if a file changed since, and a bad configuration at reload leaves the previous one in force.
+_in_force = None
+
+
+def load_server_config():
+    """(Config, None), or at a reload with a bad value (the Config in force, the ConfigError).
+    At the first load a bad value raises ConfigError."""
+    global _in_force
+    try:
+        cfg = load_config(environment())
+    except ConfigError as e:
+        if _in_force is None:
+            raise
+        return _in_force, e
+    _in_force = cfg
+    return cfg, None
+
+
+def server_config() -> Config:
+    """What the app serves: the gunicorn master's configuration, else (no master) loaded now."""
+    return _in_force or load_config(environment())
+
+
 def load_config(env: Mapping[str, str] = None) -> Config:
     env = os.environ if env is None else env
-    keys = tuple(k.strip() for k in re.split(r"[,\n]", _secret(env, "API_KEY")) if k.strip())
     cfg = Config(
         bind=_bind(env.get("PORT", "")),
-        api_keys=keys,
+        api_keys=_api_keys(env),
+        require_api_key=_bool(env, "REQUIRE_API_KEY", False),
         smtp_host=env.get("SMTP_HOST", "").strip(),
         smtp_port=_number(env, "SMTP_PORT", 587),
         smtp_user=env.get("SMTP_USER", ""),
@@ -262,11 +362,14 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         idempotency_max_entries=_number(env, "IDEMPOTENCY_MAX_ENTRIES", 1_200_000),
         idempotency_fail_open=_bool(env, "IDEMPOTENCY_FAIL_OPEN", False),
         http_body_limit_bytes=_number(env, "HTTP_BODY_LIMIT_BYTES", 65536),
+        http_header_timeout_seconds=_number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, float, 0.1),
+        http_body_timeout_seconds=_number(env, "HTTP_BODY_TIMEOUT_SECONDS", 10.0, float, 0.1),
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
         otlp_enabled=_bool(env, "OTLP_ENABLED", False),
         otlp_endpoint=_otlp_endpoint(env.get("OTLP_ENDPOINT", "")),
+        prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),
     )
     _check(cfg)
     return cfg
@@ -297,10 +400,24 @@ def _check(cfg: Config) -> None:
     for name in ("SMTP_FROM", "SMTP_FROM_NAME"):
         if has_control_chars(getattr(cfg, name.lower())):
             raise ConfigError(f"{name}: contains a control character")
+    # The From header's parser decodes RFC 2047 words in the display name: "=?utf-8?q?Acme=0D=0ABcc..."
+    # would write a header line of its own. decode_header finds every word that parser would.
+    if "=?" in cfg.smtp_from_name and has_control_chars(_decoded(cfg.smtp_from_name)):
+        raise ConfigError("SMTP_FROM_NAME: contains an encoded control character (or an encoded word "
+                          "that cannot be decoded)")
     if cfg.smtp_from and not re.fullmatch(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+", cfg.smtp_from):
         raise ConfigError("SMTP_FROM: expected a plain address like noreply@example.com")
+    local, _, domain = cfg.smtp_from.rpartition("@")
+    if not local.isascii():  # it would need SMTPUTF8, which the sender does not use
+        raise ConfigError("SMTP_FROM: the part before @ must be ASCII (the domain may be internationalised)")
+    try:
+        domain.encode("idna")
+    except UnicodeError:
+        raise ConfigError("SMTP_FROM: the domain is not a valid (internationalised) domain name") from None
     for relay in cfg.relays:
         _check_relay(relay)
+    if cfg.require_api_key and not cfg.api_keys:
+        raise ConfigError("REQUIRE_API_KEY: true, but API_KEY is empty; set a key or API_KEY_FILE")
     if cfg.metrics_require_api_key and not cfg.api_keys:
         raise ConfigError("METRICS_REQUIRE_API_KEY is true but API_KEY is empty: set a key to protect /metrics")
     if cfg.otlp_enabled and not cfg.otlp_endpoint:

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object a line on stderr.
+"""Structured logs: one JSON object a line on stderr, in one schema for every line the service
+writes (ours, gunicorn's own and its access log): `ts`, `level`, `logger`, `event`, then fields.
 
 Callers pass only safe fields (`extra={"fields": {...}}`): a masked recipient, ids, codes,
 durations. Never a body, subject, header, key or password.
@@ -9,6 +10,8 @@ import json
 import logging
 import sys
 import time
+
+from gunicorn.glogging import Logger
 
 _LEVELS = {"WARN": "WARNING"}
 # The trace context of the request this thread is handling: {"trace_id": ..., "span_id": ...}.
@@ -50,15 +53,51 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str) -> None:
-    """Send the `herald_smtp` loggers to stderr as JSON (idempotent: safe per app)."""
-    logger = logging.getLogger("herald_smtp")
-    logger.setLevel(_LEVELS.get(level, level))
-    if not any(getattr(h, "herald_smtp", False) for h in logger.handlers):
+    """Log at `level` from the `herald_smtp` loggers, and write every logger's lines (a library's
+    warnings too, and Python's `warnings`) to stderr as JSON. Idempotent: safe per app."""
+    logging.getLogger("herald_smtp").setLevel(_LEVELS.get(level, level))
+    root = logging.getLogger()
+    if not any(getattr(h, "herald_smtp", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         handler.herald_smtp = True
-        logger.addHandler(handler)
-        logger.propagate = False
+        root.addHandler(handler)
+        logging.captureWarnings(True)
+
+
+def config_error(message: str, at_reload: bool = False) -> None:
+    """The one line a bad configuration gets, before or instead of anything else."""
+    setup("INFO")
+    event = "configuration error at reload: the running configuration stays" if at_reload else "configuration error"
+    logging.getLogger("herald_smtp.config").error(event, extra={"fields": {"error": message}})
+
+
+class GunicornLogger(Logger):
+    """gunicorn's error and access logs in our schema, both on stderr with our lines."""
+
+    def _set_handler(self, log, output, fmt, stream=None):
+        # gunicorn passes stdout for the access log; one stream keeps every line in order.
+        super()._set_handler(log, output, JsonFormatter(), stream=None)
+
+    def access(self, resp, req, environ, request_time):
+        """Method, path (no query string), status, size, duration, client address, request id."""
+        if not self.access_log_enabled:
+            return
+        status = getattr(resp, "status_code", None) or str(resp.status).split()[0]
+        fields = {
+            "request_id": next((v for k, v in resp.headers if k.lower() == "x-request-id"), None),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": int(status),
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+            "remote": environ.get("REMOTE_ADDR"),
+        }
+        fields.update(environ.get("herald_smtp.trace", {}))  # trace_id, span_id (herald_smtp.tracing)
+        try:
+            self.access_log.info("access", extra={"fields": fields})
+        except Exception:
+            self.exception("failed to write the access log")
 
 
 def mask(address: str) -> str:

@@ -15,6 +15,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from email.contentmanager import _encode_text  # set_content()'s own encoder; private, so tests pin its output
+from email.header import Header
 from email.headerregistry import Address
 from email.utils import format_datetime
 
@@ -101,7 +102,7 @@ class MessageBuilder:
         self.domain = _ascii_domain(cfg.smtp_from)
         self.sender = f"{local}@{self.domain}" if local else ""
         self.from_header = Address(display_name=cfg.smtp_from_name, addr_spec=self.sender) if self.sender else None
-        self._from_line = _fold("From", self.from_header)
+        self._from_line = _from(self.from_header)
         # Every replica of one deployment derives the same Message-ID from a key; the password,
         # when there is one, keeps anyone else from telling which key an id came from.
         self._id_hmac = hmac.new(hashlib.sha256(f"message-id\0{cfg.sender_scope}\0{cfg.smtp_password}".encode()).digest(),
@@ -117,7 +118,8 @@ class MessageBuilder:
         return f"<{mac.hexdigest()[:32]}@{self.domain}>"
 
     def build(self, req: SendRequest, key: str = "") -> Envelope:
-        """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write.
+        """The bytes EmailMessage(policy=POLICY) with set_content() and add_alternative() would write,
+        but for an encoded Subject (see _subject) and text with control characters (transfer_encoding).
 
         Writing them directly takes tens of microseconds instead of about a millisecond;
         tests/test_message_equivalence.py proves the output equal over a varied corpus.
@@ -131,11 +133,14 @@ class MessageBuilder:
             raise SendError("validation_failed", "subject contains an encoded control character")
         if len(subject) > MAX_SUBJECT_CHARS:
             raise SendError("validation_failed", f"subject is longer than {MAX_SUBJECT_CHARS} characters")
-        head = [self._from_line, _short("To", to), _fold_cached("Subject", subject),
+        head = [self._from_line, _short("To", to), _subject(subject),
                 _short("Date", format_datetime(datetime.now(timezone.utc))),
                 _short("Message-ID", self.message_id(key)),
                 b"Auto-Submitted: auto-generated\r\n"]
-        text_head, text = _text_part(effective_body(req), "plain")
+        plain = effective_body(req)
+        if "\x00" in plain or "\x00" in req.html:  # RFC 2045 allows NUL in no transfer encoding's text
+            raise SendError("validation_failed", "body or html contains a NUL character")
+        text_head, text = _text_part(plain, "plain")
         if req.html:
             html_head, html = _text_part(req.html, "html")
             b = _boundary(text, html).encode("ascii")
@@ -158,7 +163,45 @@ def _fold(name: str, value) -> bytes:
     return POLICY.fold_binary(*POLICY.header_store_parse(name, value))
 
 
-_fold_cached = functools.lru_cache(maxsize=512)(_fold)  # subjects and locales repeat
+_fold_cached = functools.lru_cache(maxsize=512)(_fold)  # locales repeat
+_LONG_WORD = re.compile(r"\S{60}")
+
+
+def _encoded_words(name: str, text: str) -> str:
+    """`text` as RFC 2047 encoded words that each carry their own spaces, folded for header `name`."""
+    return Header(text, "utf-8", header_name=name).encode(linesep="\r\n", maxlinelen=76)
+
+
+def _needs_encoded_words(text: str) -> bool:
+    return not text.isascii() or _LONG_WORD.search(text) is not None
+
+
+@functools.lru_cache(maxsize=512)  # subjects repeat
+def _subject(subject: str) -> bytes:
+    """The Subject line, so that every space survives decoding. The policy's folder writes the
+    space between two words it must encode as the folding whitespace between two encoded words,
+    which decoders drop (RFC 2047, 6.2): "учётную запись пользователя" became "записьпользователя".
+    Text it must encode (not ASCII, or a word too long for a line) goes out as encoded words that
+    each carry their own spaces, none longer than RFC 2047's 75 characters."""
+    if not _needs_encoded_words(subject):
+        return _fold("Subject", subject)
+    return f"Subject: {_encoded_words('Subject', subject)}\r\n".encode("ascii")
+
+
+def from_value(address) -> str:
+    """The From value when the display name needs encoded words (else None): as for a subject, the
+    policy's folder loses spaces between them ("été κωδικός" read as "étéκωδικός")."""
+    if address is None or not _needs_encoded_words(address.display_name):
+        return None
+    value = f"{_encoded_words('From', address.display_name)} <{address.addr_spec}>"
+    if len(("From: " + value).rpartition("\n")[2]) > POLICY.max_line_length:
+        value = value.replace(" <", "\r\n <")
+    return value
+
+
+def _from(address) -> bytes:
+    value = from_value(address)
+    return _fold("From", address) if value is None else f"From: {value}\r\n".encode("ascii")
 
 
 def _short(name: str, value: str) -> bytes:
@@ -169,9 +212,18 @@ def _short(name: str, value: str) -> bytes:
     return _fold(name, value)
 
 
+_RAW_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 but tab and line ends, and DEL
+
+
+def transfer_encoding(text: str):
+    """None (the stdlib's choice of 7bit, quoted-printable or base64), or quoted-printable for text
+    with control characters, which the stdlib would send raw under 7bit."""
+    return "quoted-printable" if _RAW_CONTROL.search(text) else None
+
+
 def _text_part(text: str, subtype: str):
-    """(headers, body) of a text/* part: the stdlib's own choice of 7bit, quoted-printable or base64."""
-    cte, payload = _encode_text(text, "utf-8", None, POLICY)
+    """(headers, body) of a text/* part: the stdlib's encoder, as set_content() runs it."""
+    cte, payload = _encode_text(text, "utf-8", transfer_encoding(text), POLICY)
     head = f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n'
     return head.encode("ascii"), payload.replace("\n", "\r\n").encode("ascii")
 

@@ -299,17 +299,21 @@ def redis_url():
 class Gunicorn:
     """gunicorn as a real process with the project's gunicorn.conf.py."""
 
-    def __init__(self, env, tmp_path, workers=2, threads=4):
+    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT):
+        """workers or threads None: the service's own default. stdout: where it goes (with stderr by
+        default). cwd: the working directory, where `.env` is read."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_"))}
-        full.update({"PORT": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), "WEB_THREADS": str(threads),
-                     "IDEMPOTENCY_STORE": f"sqlite:///{tmp_path}/gunicorn-idem.sqlite3"})
+        full = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SMTP_", "API_KEY", "IDEMPOTENCY_", "WEB_", "HTTP_", "ENV_FILE"))}
+        full.update({"PORT": f"127.0.0.1:{self.port}", "IDEMPOTENCY_STORE": f"sqlite:///{tmp_path}/gunicorn-idem.sqlite3"})
+        full.update({name: str(n) for name, n in (("WEB_CONCURRENCY", workers), ("WEB_THREADS", threads)) if n})
         full.update(env)
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-                                     cwd=ROOT, env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
+                                      "app:app"], cwd=cwd, env=full, stderr=self.log,
+                                     stdout=self.log if stdout == subprocess.STDOUT else stdout)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -88,9 +88,11 @@ def test_every_configuration_problem_is_reported(tmp_path):
 
 
 def test_unconfigured_smtp_and_open_service_are_reported(tmp_path):
-    status, lines = check({"API_KEY": "", **store(tmp_path)})
+    status, lines = check({"API_KEY": "", "PORT": "127.0.0.1:8084", **store(tmp_path)})
     assert status == 1
     assert "warning: API_KEY is empty: anyone who can reach the service can send mail through it" in lines
+    status, lines = check({"API_KEY": "", "PORT": ":8084", **store(tmp_path)})
+    assert "warning: API_KEY is empty and the service listens on 0.0.0.0:8084, beyond this host" in lines[1]
     assert lines[-1] == "check failed: SMTP_HOST and SMTP_FROM must be set; every send would answer 503"
 
 

@@ -17,7 +17,7 @@ def test_defaults_are_the_contracts():
     """Every variable's default, as the README's configuration table gives it."""
     cfg = load_config({})
     assert dataclasses.asdict(cfg) == {
-        "bind": "0.0.0.0:8084", "api_keys": (),
+        "bind": "0.0.0.0:8084", "api_keys": (), "require_api_key": False,
         "smtp_host": "", "smtp_port": 587, "smtp_user": "", "smtp_password": "",
         "smtp_from": "", "smtp_from_name": "",
         "smtp_use_tls": False, "smtp_use_starttls": True, "smtp_skip_tls_verify": False, "smtp_ca_file": "",
@@ -29,10 +29,11 @@ def test_defaults_are_the_contracts():
         # Its path is checked in test_idempotency (the default store's private directory).
         "idempotency_store": default_idempotency_store({}),
         "idempotency_ttl_seconds": 300, "idempotency_max_entries": 1_200_000, "idempotency_fail_open": False,
-        "http_body_limit_bytes": 65536,
+        "http_body_limit_bytes": 65536, "http_header_timeout_seconds": 10, "http_body_timeout_seconds": 10,
         "web_concurrency": 2, "web_threads": 8,
         "metrics_require_api_key": False,
         "otlp_enabled": False, "otlp_endpoint": "",
+        "prometheus_multiproc_dir": "",  # empty: a private temp directory (gunicorn.conf.py)
     }
     assert not cfg.smtp_configured
 

@@ -241,7 +241,8 @@ def test_unit_runs_gunicorn_from_the_venv_as_a_dedicated_user():
     exec_start = shlex.split(service["ExecStart"][0])
     assert exec_start[0] == "/opt/herald-smtp/.venv/bin/gunicorn"
     assert exec_start[1:] == ["-c", "/opt/herald-smtp/gunicorn.conf.py", "app:app"]
-    assert service["EnvironmentFile"] == ["/etc/herald-smtp/env"]
+    # The service reads its settings file itself, so `systemctl reload` applies an edit of it.
+    assert service["Environment"] == ["ENV_FILE=/etc/herald-smtp/env"] and "EnvironmentFile" not in service
     assert service["Restart"] == ["on-failure"]
     assert unit()["Install"]["WantedBy"] == ["multi-user.target"]
 

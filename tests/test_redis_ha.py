@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from conftest import free_port, unique_key, wait_for
+from herald_smtp.config import load_config
 from redis_servers import MASTER_NAME, RedisProcesses, master_port, sentinels_ready
 from test_idempotency_e2e import MAIL, held_server, in_flight  # noqa: F401 (held_server: a fixture)
 
@@ -162,9 +164,12 @@ def test_sentinel_failover_answers_503_for_seconds_then_recovers_and_never_sends
 
 def test_cluster_two_replicas_share_keys(redis_procs, gunicorn, held_server):
     nodes = [free_port() for _ in range(3)]
-    # Seeded with the two nodes that will not hold the store's slot (redis-cli gives the first
-    # node slots 0-5460): the client must follow the cluster's map to the third.
-    url = f"redis+cluster://127.0.0.1:{nodes[1]},127.0.0.1:{nodes[2]}"
+    # Seeded with the two nodes that will not hold the store's slot (redis-cli gives the three
+    # nodes slots 0-5460, 5461-10922 and 10923-16383): the client must follow the map to the third.
+    tag = "herald-smtp:" + load_config(held_server.env()).sender_scope  # the store's {hash tag}
+    slot = key_slot(tag.encode())
+    owner = nodes[(slot > 5460) + (slot > 10922)]
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in nodes if p != owner)
     env = held_server.env(IDEMPOTENCY_STORE=url)
     # A replica starts while the Cluster is down, answers 503, and recovers once it is up.
     a = gunicorn(env, workers=2, threads=12)
@@ -173,9 +178,7 @@ def test_cluster_two_replicas_share_keys(redis_procs, gunicorn, held_server):
     redis_procs.cluster(nodes)
     held_server.handler.data_gate.clear()
     b = gunicorn(env, workers=2, threads=12)
-    slot = redis.Redis(port=nodes[0]).cluster("keyslot", "{herald-smtp}")
-    owner = next(p for p in nodes if slot in _slots(p))
-    assert owner == nodes[0]
+    assert redis.Redis(port=nodes[0]).cluster("keyslot", "{" + tag + "}") == slot and slot in _slots(owner)
 
     key = unique_key()
     with ThreadPoolExecutor(20) as pool:
