@@ -245,7 +245,7 @@ def bench_env(workers: int, threads: int) -> dict:
 
 
 def wrk(url: str, seconds: float, connections: int) -> dict:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(BENCH / "send.lua"),
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(BENCH / "send.lua"),
            url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
@@ -272,6 +272,32 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
     finally:
         sink.stop()
     return result
+
+
+def balance(args, workdir: Path, env: dict) -> dict:
+    """How herald-smtp's workers share the work: one gunicorn, wrk runs of args.balance_seconds at
+    4, 8 and 16 keep-alive connections, args.balance_runs of each; each run's workers' CPU shares.
+    A connection stays with the worker that accepted it, so each run tests the split anew."""
+    sink = Sink(workdir)
+    try:
+        server = Gunicorn("herald", sink.port, workdir, env)
+        try:
+            wrk(server.url, args.warmup, 4)
+            runs = {}
+            for connections in (4, 8, 16):
+                runs[connections] = []
+                for i in range(args.balance_runs):
+                    before = workers_cpu(server.proc.pid)
+                    result = wrk(server.url, args.balance_seconds, connections)
+                    shares = worker_shares(before, workers_cpu(server.proc.pid))
+                    runs[connections].append({"rps": result["rps"], "shares": shares})
+                    print(f"balance: {connections} connections, run {i + 1}/{args.balance_runs}: {result['rps']:.0f} "
+                          f"req/s; workers' CPU shares: {shares_text(shares)}", flush=True)
+        finally:
+            server.stop()
+    finally:
+        sink.stop()
+    return runs
 
 
 def measure(target: str, when: str, args, workdir: Path, env: dict) -> dict:
@@ -380,8 +406,22 @@ def table(caption: str, columns: list) -> list:
 
 
 def render(results, args, workers, threads) -> str:
-    t, lat = results["throughput"], results["latency"]
+    t, lat, bal = results["throughput"], results["latency"], results["balance"]
     lines = []
+    if bal:
+        lines += table(f"Workers' balance: herald-smtp, gunicorn {workers} workers x {threads} threads, one start; "
+                       f"{args.balance_runs} wrk runs of {args.balance_seconds:g} s at each connection count, each "
+                       "opening its keep-alive connections anew. Each run's workers' CPU shares, busiest first "
+                       "(UNEVEN: one worker did more than twice the mean of the others).",
+                       ["connections", "median req/s", "busiest worker's share, median (max)", "uneven runs",
+                        "every run's shares"])
+        for connections, runs in bal.items():
+            busiest = [r["shares"][0] for r in runs]
+            lines.append(f"| {connections} | {statistics.median(r['rps'] for r in runs):.0f} | "
+                         f"{statistics.median(busiest):.2f} ({max(busiest):.2f}) | "
+                         f"{sum(uneven(r['shares']) for r in runs)} of {len(runs)} | "
+                         + ", ".join(" / ".join(f"{x:.2f}" for x in r["shares"]) for r in runs) + " |")
+        lines.append("")
     if t:
         base = t["baseline"]["rps"]
         lines += table(f"Throughput: wrk -t1 -c{args.connections}, {args.duration:g} s per run after "
@@ -428,6 +468,9 @@ def render(results, args, workers, threads) -> str:
 def targets(results):
     t, lat = results["throughput"], results["latency"]
     checks = []
+    for connections, runs in results["balance"].items():
+        bad = sum(uneven(r["shares"]) for r in runs)
+        checks.append((f"workers' balance at {connections} connections: {bad} of {len(runs)} runs uneven (0)", bad == 0))
     if "herald" in t and "baseline" in t:
         h, b = t["herald"], t["baseline"]
         checks.append((f"throughput {h['rps'] / b['rps']:.2f}x the connection-per-send baseline (>= 2x)",
@@ -469,13 +512,16 @@ def main():
     parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
     parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
     parser.add_argument("--delay-ms", type=float, default=10, help="SMTP reply delay in latency mode (10)")
-    parser.add_argument("--only", choices=["throughput", "latency"], help="run one mode")
+    parser.add_argument("--balance-runs", type=int, default=10,
+                        help="wrk runs at each of 4, 8 and 16 connections for the workers' balance (10)")
+    parser.add_argument("--balance-seconds", type=float, default=3, help="seconds per balance run (3)")
+    parser.add_argument("--only", choices=["throughput", "latency", "balance"], help="run one mode")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where latest.md and latest.json go")
     args = parser.parse_args()
 
     workers, threads, env = prepare(args)
     # vs_flaskmail: herald-smtp's req/s over the Flask-Mail app's, one per round.
-    results = {"throughput": {}, "vs_flaskmail": [], "latency": {}, "delay_ms": args.delay_ms, "workers": workers,
+    results = {"throughput": {}, "vs_flaskmail": [], "latency": {}, "balance": {}, "delay_ms": args.delay_ms, "workers": workers,
                "threads": threads, "cpus": os.cpu_count(), "python": sys.version.split()[0], "commit": commit(),
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
@@ -483,7 +529,9 @@ def main():
     # Logs and sink counters of this run; kept (git-ignored) if the run fails.
     workdir = Path(tempfile.mkdtemp(prefix="run-", suffix=".tmp", dir=out))
     try:
-        if args.only != "latency":
+        if args.only in (None, "balance"):
+            results["balance"] = balance(args, workdir, env)
+        if args.only in (None, "throughput"):
             rounds = {k: [] for k in ROUNDS}
             for i in range(args.rounds):
                 for target in ROUNDS[i % len(ROUNDS):] + ROUNDS[:i % len(ROUNDS)]:  # order rotating
@@ -495,7 +543,7 @@ def main():
             results["throughput"]["bare"] = median_of([measure("bare", "", args, workdir, env)])
             print(f"throughput: {LABELS['smtp']}", flush=True)
             results["throughput"]["smtp"] = smtp_ceiling(args, workdir, workers, threads)
-        if args.only != "throughput":
+        if args.only in (None, "latency"):
             for target in ROUNDS:
                 print(f"latency: {LABELS[target]}", flush=True)
                 results["latency"][target] = latency(target, args, workdir, env)

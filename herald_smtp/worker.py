@@ -30,6 +30,15 @@ MAX_WAITING = 100
 # (so the answer is not cut off by a reset); one more closes the oldest at once.
 MAX_CLOSING = 100
 CLOSE_LINGER = 2.0
+# Workers share one listening socket and every one of them is woken for a new connection, and a
+# kept-alive connection stays with the worker that accepted it: left to chance, a client's pool of
+# connections can land mostly on one worker, which then does the work of all on one core. So a
+# worker holding connections lets a new one wait a moment that grows with how many it holds: the
+# worker holding the fewest accepts it first; a worker takes it anyway at the end of its wait if no
+# other did. A millisecond a connection: the poller's own resolution, so every count waits a
+# different time.
+ACCEPT_DELAY_PER_CONNECTION = 0.001  # seconds
+ACCEPT_DELAY_MAX = 0.03
 # An answer the client does not take in this long ends its connection (it only happens to a
 # client that sends many requests and reads no answer, until the socket's buffer is full).
 SEND_TIMEOUT = 10.0
@@ -109,6 +118,9 @@ class ThreadWorker(gthread.ThreadWorker):
         self.closing = {}
         # The stock loop stops accepting at worker_connections; a full waiting set makes room instead.
         self.worker_connections = min(self.cfg.worker_connections, MAX_WAITING + MAX_CLOSING + self.cfg.threads + 1)
+        # Waiting before an accept (see ACCEPT_DELAY_PER_CONNECTION): since when a connection has
+        # been waiting, and until when; `waited`: the wait just ended, so the next one is taken.
+        self.accept_pending_since, self.accept_again, self.accept_waited = None, 0.0, False
 
     @classmethod
     def check_config(cls, cfg, log):
@@ -119,6 +131,15 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- the main loop: waiting for a request --------------------------------------------
 
     def accept(self, listener):
+        held = self.nr_conns - len(self.closing)  # a closing connection will not send again
+        if self.cfg.workers > 1 and held and not self.accept_waited:
+            now = time.monotonic()
+            since = self.accept_pending_since = self.accept_pending_since or now
+            self.accept_again = since + min(held * ACCEPT_DELAY_PER_CONNECTION, ACCEPT_DELAY_MAX)
+            if now < self.accept_again:
+                self.set_accept_enabled(False)  # a worker holding fewer may take it meanwhile
+                return
+        self.accept_pending_since, self.accept_waited = None, False
         try:
             sock, client = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -128,6 +149,12 @@ class ThreadWorker(gthread.ThreadWorker):
         conn.data = bytearray()
         self.wait(conn, time.monotonic() + self.header_timeout, idle=False)
 
+    def set_accept_enabled(self, enabled):
+        # The stock loop turns accepting back on whenever it is below worker_connections.
+        enabled = enabled and time.monotonic() >= self.accept_again
+        if enabled and not self._accepting and self.accept_pending_since is not None:
+            self.accept_waited = True  # what is still there after the wait is this worker's
+        super().set_accept_enabled(enabled)
     def wait(self, conn, deadline, idle):
         """Read conn's next request here until `deadline`. idle: nothing sent yet on a kept-alive
         connection (its header clock starts at the first byte)."""
@@ -273,7 +300,11 @@ class ThreadWorker(gthread.ThreadWorker):
     def wait_for_and_dispatch_events(self, timeout):
         # Wake at the next deadline, so a connection is closed at it, not up to a second late.
         deadlines = [c.deadline for group in (self.waiting, self.closing) for c in group]
+        if self.alive and not self._accepting and self.accept_again > time.monotonic():
+            deadlines.append(self.accept_again)  # and when it is time to accept again
         if deadlines:
             timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
+        if self.accept_waited:  # another worker took what this one waited for
+            self.accept_pending_since, self.accept_waited = None, False
         self.murder_pending()
