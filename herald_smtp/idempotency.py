@@ -468,6 +468,7 @@ class SQLiteStore:
 # All names share one {hash tag}, so on a Redis Cluster a script's keys sit in one slot.
 _BEGIN = """
 local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'token', 'mid', 'code', 'msg')
+if rec[3] == ARGV[2] and rec[2] == 'pending' then return {'new', 0} end  -- this call, retried by the client
 if rec[1] and rec[2] ~= 'failed' then
   if rec[1] ~= ARGV[1] then return {'conflict'} end
   if rec[2] == 'done' then return {'replay', rec[1], rec[2], rec[3], rec[4]} end

@@ -544,6 +544,16 @@ def test_redis_forgets_expired_entries(stores, redis_url):
     client.close()
 
 
+def test_redis_reservation_resent_after_its_reply_was_lost_is_still_its_own(stores, redis_url):
+    """redis-py sends a command again when the connection drops before its reply: the reservation
+    script then finds its own record, which must not make the request wait for itself."""
+    store = stores(redis_url)
+    call = {"keys": [store._name("k"), store.pending, store.done], "args": ["fp", "token-1", 30_000, 100]}
+    assert store._begin(**call)[0] == NEW
+    assert store._begin(**call)[0] == NEW  # the same call, resent
+    assert store.begin("k", "fp", lease=30)[0] == WAIT  # any other request waits for it
+
+
 def test_sqlite_store_is_shared_by_separately_opened_handles(stores, tmp_path):
     url = f"sqlite:///{tmp_path}/sub/dir/idem.sqlite3"  # the directory is created
     one, two = stores(url), stores(url)
