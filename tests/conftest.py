@@ -212,19 +212,24 @@ def smtp_server():
     server.stop()
 
 
-@pytest.fixture
-def make_server(certs):
-    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, certs=another Certs, **aiosmtpd kwargs)."""
+def _stopped_after(start):
+    """A factory fixture's body: yields make(**kwargs) -> start(**kwargs), a running server; then
+    stops every server it made."""
     servers = []
 
     def make(**kwargs):
-        server = SMTPServer(**{"certs": certs, **kwargs}).start()
-        servers.append(server)
-        return server
+        servers.append(start(**kwargs))
+        return servers[-1]
 
     yield make
-    for s in servers:
-        s.stop()
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def make_server(certs):
+    """Factory: make_server(tls="starttls"|"implicit"|None, auth=bool, certs=another Certs, **aiosmtpd kwargs)."""
+    yield from _stopped_after(lambda **kwargs: SMTPServer(**{"certs": certs, **kwargs}).start())
 
 
 @pytest.fixture
@@ -232,16 +237,7 @@ def fault_server():
     """Factory: fault_server(certs=..., auth=..., pipelining=..., rcvbuf=...) -> a running FaultServer."""
     from fault_server import FaultServer
 
-    servers = []
-
-    def make(**kwargs):
-        server = FaultServer(**kwargs)
-        servers.append(server)
-        return server
-
-    yield make
-    for s in servers:
-        s.stop()
+    yield from _stopped_after(FaultServer)
 
 
 @pytest.fixture

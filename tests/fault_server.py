@@ -149,6 +149,16 @@ class FaultServer:
             return None
         return "ok" if action is None else ("plain" if action == "plain" else "refused")
 
+    def _arrived(self, conn, message, rcpts) -> bool:
+        """A whole message: recorded, then answered as scripted ("dot"); False if the session is over."""
+        self.received.append(message)
+
+        def accept():
+            self.accepted.append(message)
+            self.recipients.append(rcpts)
+
+        return self._answer(conn, "dot", on_ok=accept) is not None
+
     def _stall_reading(self):
         """Keep the connection open without reading from it (the client's close stays unseen
         behind the unread data), until the server stops."""
@@ -235,14 +245,7 @@ class FaultServer:
                     if chunk == b".\r\n":
                         break
                     data.append(chunk[1:] if chunk.startswith(b"..") else chunk)
-                message = b"".join(data)
-                self.received.append(message)
-
-                def accept(message=message, rcpts=rcpts):
-                    self.accepted.append(message)
-                    self.recipients.append(rcpts)
-
-                if self._answer(conn, "dot", on_ok=accept) is None:
+                if not self._arrived(conn, b"".join(data), rcpts):
                     return
                 mail_from, rcpts = None, []
             elif verb == b"BDAT":
@@ -262,13 +265,7 @@ class FaultServer:
                     conn.sendall(b"250 2.0.0 chunk received\r\n")
                     continue
                 message, chunks = b"".join(chunks), []
-                self.received.append(message)
-
-                def accept(message=message, rcpts=rcpts):
-                    self.accepted.append(message)
-                    self.recipients.append(rcpts)
-
-                if self._answer(conn, "dot", on_ok=accept) is None:
+                if not self._arrived(conn, message, rcpts):
                     return
                 mail_from, rcpts = None, []
             elif verb == b"RSET":
