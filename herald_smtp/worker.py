@@ -121,6 +121,7 @@ class ThreadWorker(gthread.ThreadWorker):
         # Waiting before an accept (see ACCEPT_DELAY_PER_CONNECTION): since when a connection has
         # been waiting, and until when; `waited`: the wait just ended, so the next one is taken.
         self.accept_pending_since, self.accept_again, self.accept_waited = None, 0.0, False
+        self.unserved = {}  # connections no whole request has come on yet: conn -> accepted at
 
     @classmethod
     def check_config(cls, cfg, log):
@@ -131,9 +132,9 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- the main loop: waiting for a request --------------------------------------------
 
     def accept(self, listener):
-        held = self.nr_conns - len(self.closing)  # a closing connection will not send again
+        now = time.monotonic()
+        held = self.held(now)
         if self.cfg.workers > 1 and held and not self.accept_waited:
-            now = time.monotonic()
             since = self.accept_pending_since = self.accept_pending_since or now
             self.accept_again = since + min(held * ACCEPT_DELAY_PER_CONNECTION, ACCEPT_DELAY_MAX)
             if now < self.accept_again:
@@ -147,7 +148,18 @@ class ThreadWorker(gthread.ThreadWorker):
         self.nr_conns += 1
         conn = gthread.TConn(self.cfg, sock, client, listener.getsockname())  # non-blocking
         conn.data = bytearray()
+        self.unserved[conn] = time.monotonic()
         self.wait(conn, time.monotonic() + self.header_timeout, idle=False)
+
+    def held(self, now):
+        """The connections a new one is weighed against: not those closing, nor those that have
+        not sent a whole request in a second (a slow or idle client is no load to balance)."""
+        stale = 0
+        for accepted in self.unserved.values():  # oldest first
+            if now - accepted < 1.0:
+                break
+            stale += 1
+        return self.nr_conns - len(self.closing) - stale
 
     def set_accept_enabled(self, enabled):
         # The stock loop turns accepting back on whenever it is below worker_connections.
@@ -155,6 +167,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if enabled and not self._accepting and self.accept_pending_since is not None:
             self.accept_waited = True  # what is still there after the wait is this worker's
         super().set_accept_enabled(enabled)
+
     def wait(self, conn, deadline, idle):
         """Read conn's next request here until `deadline`. idle: nothing sent yet on a kept-alive
         connection (its header clock starts at the first byte)."""
@@ -205,6 +218,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def dispatch(self, conn, body_read):
         """Give a thread the whole request; the stock handle() parses it from memory."""
         self.forget(conn)
+        self.unserved.pop(conn, None)
         if conn.parser is None:
             conn.parser = RequestParser(self.cfg, conn.sock, conn.client)
             conn.parser.unreader = _BufferedUnreader(conn.sock)
@@ -275,6 +289,7 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def close(self, conn):
         self.forget(conn)
+        self.unserved.pop(conn, None)
         self.nr_conns -= 1
         conn.close()
 
