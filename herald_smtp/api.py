@@ -64,7 +64,8 @@ def send():
                 try:
                     sent = svc.transport.send(envelope.sender, envelope.recipient, envelope.data, deadline)
                 except SendError as err:
-                    note_smtp(relay=err.relay)
+                    if err.relay:
+                        note_smtp(relay=err.relay)
                     raise
                 note_smtp(relay=sent.relay, round_trips=sent.round_trips, bytes_sent=sent.bytes, reused=sent.reused)
             fields["relay"] = sent.relay
