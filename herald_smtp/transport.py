@@ -7,6 +7,7 @@ has gone out, and all relays share the send's one deadline. Failures leave as Se
 contract code.
 """
 
+import smtplib
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import time
 from .config import Config
 from .errors import DeliveryUnknown, SendError
 from .relays import Relays
-from .session import RelayFailed, Session, Sessions, reply_error, tls_context
+from .session import RelayFailed, Session, Sessions, reply_error, timed_out, tls_context
 from .transaction import Delivery, Stale, deliver
 
 TIMEOUT = "SMTP server did not answer before the deadline"
@@ -61,7 +62,9 @@ class Transport:
                 if code != 250:
                     raise reply_error("the sender", code)
                 session.smtp.rset()
-            except OSError:
+            except (OSError, smtplib.SMTPException) as e:  # smtplib wraps a lost socket in the latter
+                if timed_out(e, deadline):
+                    raise TimeoutError from None
                 raise SendError("provider_down", "connection to the SMTP server was lost") from None
             finally:
                 session.close(polite=True, until=deadline)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import API_KEY, ROOT, SMTP_PASSWORD, free_port
 
 
@@ -67,6 +69,18 @@ def test_a_refused_sender_fails(make_server, tmp_path):
     status, lines = check({**server.env(), **store(tmp_path)})
     assert status == 1
     assert lines[-1] == "check failed: SMTP server rejected the sender (550)"
+
+
+@pytest.mark.parametrize("action, verdict", [
+    ("close", "check failed: connection to the SMTP server was lost"),
+    ("stall", "check failed: SMTP server did not answer before the deadline"),
+])
+def test_a_server_lost_at_mail_from_fails_with_one_clear_line(fault_server, tmp_path, action, verdict):
+    server = fault_server()
+    server.fault("mail", action)
+    status, lines = check({**server.env(SMTP_TIMEOUT_SECONDS="1"), **store(tmp_path)})
+    assert (status, lines[-1]) == (1, verdict)
+    assert not any("Traceback" in line for line in lines)
 
 
 def test_a_server_without_starttls_is_not_used_in_clear(make_server, tmp_path):
