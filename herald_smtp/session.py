@@ -190,7 +190,7 @@ class Session:
 
     def __init__(self, relay: Relay, smtp: _SMTP):
         self.relay, self.smtp = relay, smtp
-        self.opened = self.last_used = time.monotonic()
+        self.last_used = time.monotonic()
         self.sent = 0
         self.busy = False  # a send holds it (set and read under Sessions' lock)
         self.closed = False
@@ -318,7 +318,7 @@ class Sessions:
         setattr(self._local, session.relay.name, session)
         with self._lock:
             self._all.add(session)
-            if self._reaper is None and self.max_idle >= 0:
+            if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="herald-smtp-reaper", daemon=True)
                 self._reaper.start()
 
