@@ -40,7 +40,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 from herald_smtp.config import default_idempotency_store, load_config  # noqa: E402
 from herald_smtp.idempotency import sqlite_path  # noqa: E402
-from herald_smtp.message import MessageBuilder, SendRequest  # noqa: E402
+from herald_smtp.smtp.message import MessageBuilder, SendRequest  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 API_KEY = "bench-api-key"

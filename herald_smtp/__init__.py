@@ -13,9 +13,9 @@ from . import logs
 from .config import Config, ConfigError, load_config, server_config
 from .errors import SendError, envelope, from_http_status
 from .idempotency import Evictions, open_store
-from .message import MessageBuilder
+from .smtp.message import MessageBuilder
 from .tracing import Tracing, for_config as tracing_for
-from .transport import Transport
+from .smtp.transport import Transport
 
 __all__ = ["create_app", "Config", "ConfigError", "load_config"]
 
@@ -69,8 +69,8 @@ def create_app(config=None) -> Flask:
         tracing=traces,
     )
 
-    from .api import bp as api_bp
-    from .ops import bp as ops_bp
+    from .http.api import bp as api_bp
+    from .http.ops import bp as ops_bp
 
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)

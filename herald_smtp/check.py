@@ -13,8 +13,8 @@ from .config import Config, ConfigError, environment, load_config, warnings
 from .errors import SendError
 from .idempotency import StoreUnavailable, open_store, sqlite_path
 from .logs import mask
-from .message import MessageBuilder, SendRequest
-from .transport import Transport
+from .smtp.message import MessageBuilder, SendRequest
+from .smtp.transport import Transport
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CONTRACT_STATUS, send_json, unique_key
 from herald_smtp import load_config
-from herald_smtp.transport import Transport
+from herald_smtp.smtp.transport import Transport
 
 MAIL = {"to": "user@example.com", "subject": "Your code", "body": "Your code is 424242\n.\n..dots stay"}
 

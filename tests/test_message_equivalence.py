@@ -23,7 +23,7 @@ import pytest
 
 from herald_smtp.config import load_config
 from herald_smtp.errors import SendError
-from herald_smtp.message import (_LANGUAGE_TAG, POLICY, MessageBuilder, SendRequest, effective_body, recipient,
+from herald_smtp.smtp.message import (_LANGUAGE_TAG, POLICY, MessageBuilder, SendRequest, effective_body, recipient,
                                  from_value, transfer_encoding)
 
 

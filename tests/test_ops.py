@@ -172,7 +172,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out_and_what_is_copied_in():
         for source in args.split()[:-1]:
             assert not dockerignored(source.rstrip("/")), source
             assert os.path.exists(os.path.join(ROOT, source)), source
-    assert not dockerignored("herald_smtp/transport.py")
+    assert not dockerignored("herald_smtp/smtp/transport.py")
 
 
 # -- compose.yaml -------------------------------------------------------------------

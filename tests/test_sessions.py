@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conftest import send_json, unique_key, wait_for
 from herald_smtp.config import Relay
-from herald_smtp.relays import Relays
+from herald_smtp.smtp.relays import Relays
 
 MAIL = {"to": "user@example.com", "subject": "Your code", "body": "Your code is 424242"}
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import API_KEY, unique_key, wait_for
-from herald_smtp.worker import MAX_WAITING
+from herald_smtp.http.worker import MAX_WAITING
 
 MAIL = {"to": "normal@example.com", "subject": "Code", "body": "Your code is 123456"}
 

@@ -12,8 +12,8 @@ import socket
 import threading
 import time
 
-from .config import Config
-from .errors import DeliveryUnknown, SendError
+from ..config import Config
+from ..errors import DeliveryUnknown, SendError
 from .relays import Relays
 from .session import RelayFailed, Session, Sessions, reply_error, timed_out, tls_context
 from .transaction import Delivery, Stale, deliver

@@ -7,7 +7,7 @@ request, head and body, without blocking, beside the listening socket; a request
 arrived by its deadline has its connection closed. A thread only ever gets a whole request, so
 slow clients cost a little memory each, bounded per worker, never a thread.
 
-    `gunicorn -c gunicorn.conf.py app:app` (worker_class = "herald_smtp.worker.ThreadWorker")
+    `gunicorn -c gunicorn.conf.py app:app` (worker_class = "herald_smtp.http.worker.ThreadWorker")
 """
 
 import re
@@ -20,7 +20,7 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers import gthread
 
-from .config import server_config
+from ..config import server_config
 
 # Per worker. Connections waiting for a request (kept alive between requests, or a request under
 # way): one more closes the oldest, so a flood of idle or half-open connections can never stop the
@@ -126,7 +126,7 @@ class ThreadWorker(gthread.ThreadWorker):
     @classmethod
     def check_config(cls, cfg, log):
         if cfg.is_ssl:
-            raise RuntimeError("herald_smtp.worker reads requests before any TLS; terminate TLS in a proxy")
+            raise RuntimeError("herald_smtp.http.worker reads requests before any TLS; terminate TLS in a proxy")
         super().check_config(cfg, log)
 
     # -- the main loop: waiting for a request --------------------------------------------

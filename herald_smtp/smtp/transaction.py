@@ -12,7 +12,7 @@ import dataclasses
 import re
 import smtplib
 
-from .errors import DeliveryUnknown, SendError
+from ..errors import DeliveryUnknown, SendError
 from .session import RelayFailed, Session, reply_error, timed_out
 
 

@@ -14,8 +14,8 @@ import ssl
 import threading
 import time
 
-from .config import Relay
-from .errors import SendError
+from ..config import Relay
+from ..errors import SendError
 
 QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
 

@@ -21,8 +21,8 @@ from email.utils import format_datetime
 
 from email_validator import EmailNotValidError, validate_email
 
-from .config import Config, has_control_chars
-from .errors import SendError
+from ..config import Config, has_control_chars
+from ..errors import SendError
 
 DEFAULT_SUBJECT = "Verification code"
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit, the contract's bound for a subject

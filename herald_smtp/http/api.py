@@ -12,11 +12,11 @@ import uuid
 
 from flask import Blueprint, current_app, g, request
 
-from .errors import DeliveryUnknown, SendError
-from .idempotency import StoreUnavailable, fingerprint, run_once
-from .logs import mask
-from .message import SendRequest
-from .tracing import note_smtp
+from ..errors import DeliveryUnknown, SendError
+from ..idempotency import StoreUnavailable, fingerprint, run_once
+from ..logs import mask
+from ..smtp.message import SendRequest
+from ..tracing import note_smtp
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger("herald_smtp.api")

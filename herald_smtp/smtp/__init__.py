@@ -1,0 +1,1 @@
+"""The SMTP side: relay choice, session, transaction, message building."""
