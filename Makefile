@@ -24,8 +24,12 @@ run: install
 	SMTP_USER= SMTP_PASSWORD= SMTP_FROM=$${SMTP_FROM:-noreply@example.com} \
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
 
+# Four test processes (most of the suite waits on servers and deadlines), then the tests marked
+# `serial` (they measure timing or balance, and need the machine to themselves), one at a time.
+# Exit status 5 is "no test selected", when PYTEST_ARGS picks none of one kind.
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 4 --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The full load run: 20000 requests at 32 clients through gunicorn, steady then with chaos
 # (SMTP restarts, a SIGKILLed worker); prints the figures. `make test` runs it at 2000.

@@ -29,9 +29,10 @@ from herald_smtp import create_app, load_config
 from herald_smtp.logs import JsonFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# This project's tests' own database on the machine's Redis; two checkouts testing at once
-# on one machine each set their own (HERALD_TEST_REDIS_DB), since the tests flush it.
-REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "13"))
+# This project's tests' own databases on the machine's Redis, one per pytest-xdist worker (gw0 the
+# first), since the tests flush it; two checkouts testing at once set their own base
+# (HERALD_TEST_REDIS_DB).
+REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "12")) + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
 # The status of every error_code, written out from the README's API table: the tests' own copy,

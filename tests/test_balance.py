@@ -11,6 +11,8 @@ import pytest
 
 from conftest import owners, unique_key
 
+pytestmark = pytest.mark.serial  # which worker accepts first is a race of milliseconds
+
 
 def open_connection(g):
     """A keep-alive connection that has been accepted and served one send."""
