@@ -7,8 +7,10 @@ import email
 import email.policy
 import http.client
 import io
+import itertools
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -32,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # This project's tests' own databases on the machine's Redis, one per pytest-xdist worker (gw0 the
 # first), since the tests flush it; two checkouts testing at once set their own base
 # (HERALD_TEST_REDIS_DB).
-REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "12")) + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+REDIS_DB = int(os.environ.get("HERALD_TEST_REDIS_DB", "12")) + XDIST_WORKER
 SMTP_USER, SMTP_PASSWORD = "herald", "s3cret-smtp-password"
 API_KEY = "test-api-key-0123456789"
 # The status of every error_code, written out from the README's API table: the tests' own copy,
@@ -45,10 +48,25 @@ CONTRACT_STATUS = {
 pytest_plugins = ("postfix_server",)  # a private Postfix smtpd: postfix, postfix_server, make_postfix
 
 
+# Ports for the servers the tests start, below the kernel's ephemeral range (32768 and up): a port
+# the kernel hands out (bind to 0, or any outgoing connection's local port) can be taken again by
+# another test process between free_port() and the server's own bind. Each xdist process walks a
+# block of its own, from a random point (a second checkout testing at once starts elsewhere).
+_PORT_BLOCK = 2500
+_port_base = 20000 + _PORT_BLOCK * (XDIST_WORKER % 4)
+_next_port = itertools.count(random.randrange(_PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing holds now and no other test process of this run hands out."""
+    while True:
+        port = _port_base + next(_next_port) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Handler:
