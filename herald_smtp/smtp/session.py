@@ -4,18 +4,18 @@ for reuse, and closing it politely.
 Like Postfix's connection cache, a session is reused for a bounded time and number of messages:
 each worker thread keeps one per relay, and a reaper thread QUITs the ones left idle too long,
 so a quiet service holds no connections at the provider. Every byte a session reads or writes
-waits only for what is left of its deadline (`Deadline`), so no server can stretch a send past it.
+waits only for what is left of its deadline (deadline.py), so no server can stretch a send past it.
 """
 
 import select
 import smtplib
-import socket
 import ssl
 import threading
 import time
 
 from ..config import Relay
 from ..errors import SendError
+from .deadline import Deadline, connect, timed_out
 
 QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
 
@@ -27,95 +27,6 @@ class RelayFailed(Exception):
     def __init__(self, error: SendError, reason: str):
         super().__init__(error.message)
         self.error, self.reason = error, reason
-
-
-class Deadline:
-    """When (time.monotonic()) the session's current work must be over. One per session, shared
-    by its plain socket and the TLS socket that replaces it at STARTTLS."""
-    __slots__ = ("at",)
-
-    def __init__(self, at: float):
-        self.at = at
-
-
-class _DeadlineIO:
-    """Socket methods that wait only for what is left of the deadline. A socket timeout alone
-    restarts at every recv, so a server dribbling a byte at a time would never be cut off."""
-    deadline: Deadline
-
-    def _arm(self):
-        left = self.deadline.at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("SMTP deadline passed")
-        self.settimeout(left)
-
-    def recv(self, *args):
-        self._arm()
-        return super().recv(*args)
-
-    def recv_into(self, *args):
-        self._arm()
-        return super().recv_into(*args)
-
-    def send(self, *args):
-        self._arm()
-        return super().send(*args)
-
-    def sendall(self, *args):
-        # A plain socket's sendall is bounded as a whole by its timeout; a TLS one calls send().
-        self._arm()
-        return super().sendall(*args)
-
-
-class _Socket(_DeadlineIO, socket.socket):
-    pass
-
-
-class _TLSSocket(_DeadlineIO, ssl.SSLSocket):
-    """What our TLS contexts wrap sockets in (their sslsocket_class)."""
-
-    @classmethod
-    def _create(cls, sock, *args, **kwargs):
-        sock._arm()  # the handshake inside is bounded as a whole by the socket's timeout
-        tls = super()._create(sock, *args, **kwargs)
-        tls.deadline = sock.deadline
-        return tls
-
-
-def tls_context(relay: Relay):
-    """The client TLS context for a relay (None without TLS), reading and writing on the deadline.
-
-    The relay's CA file is added to the system's CAs rather than replacing them, so a private
-    relay and a relay with a public certificate both verify.
-    """
-    if not (relay.use_tls or relay.use_starttls):
-        return None
-    context = ssl.create_default_context()
-    if relay.ca_file:
-        context.load_verify_locations(cafile=relay.ca_file)
-    if relay.skip_tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.sslsocket_class = _TLSSocket
-    return context
-
-
-def _connect(host: str, port: int, deadline: Deadline) -> _Socket:
-    """socket.create_connection on a deadline socket: every address tried shares the deadline."""
-    error = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = _Socket(family, kind, proto)
-        sock.deadline = deadline
-        try:
-            sock._arm()
-            sock.connect(address)
-            return sock
-        except OSError as e:
-            sock.close()
-            if isinstance(e, TimeoutError):
-                raise
-            error = e
-    raise error or OSError("the SMTP host has no address")
 
 
 class _CredentialsRefused(smtplib.SMTPResponseException):
@@ -141,7 +52,7 @@ class _SMTP(smtplib.SMTP):
             raise smtplib.SMTPConnectError(code, message)
 
     def _get_socket(self, host, port, timeout):
-        sock = _connect(host, port, self.deadline)
+        sock = connect(host, port, self.deadline)
         return self.tls.wrap_socket(sock, server_hostname=host) if self.implicit_tls else sock
 
     def send(self, s):
@@ -167,15 +78,6 @@ def _ehlo(smtp) -> None:
     code, message = smtp.ehlo()
     if code != 250:
         raise smtplib.SMTPResponseException(code, message)
-
-
-def timed_out(e: BaseException, deadline: float) -> bool:
-    """smtplib wraps socket timeouts in SMTPServerDisconnected; look through the chain."""
-    while e is not None:
-        if isinstance(e, TimeoutError):
-            return True
-        e = e.__cause__ or e.__context__
-    return time.monotonic() >= deadline
 
 
 def reply_error(stage: str, code: int, *, permanent_code: str = "send_failed") -> SendError:

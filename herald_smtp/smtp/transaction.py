@@ -13,7 +13,8 @@ import re
 import smtplib
 
 from ..errors import DeliveryUnknown, SendError
-from .session import RelayFailed, Session, reply_error, timed_out
+from .deadline import timed_out
+from .session import RelayFailed, Session, reply_error
 
 
 class Stale(Exception):

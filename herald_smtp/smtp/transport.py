@@ -14,8 +14,9 @@ import time
 
 from ..config import Config
 from ..errors import DeliveryUnknown, SendError
+from .deadline import timed_out, tls_context
 from .relays import Relays
-from .session import RelayFailed, Session, Sessions, reply_error, timed_out, tls_context
+from .session import RelayFailed, Session, Sessions, reply_error
 from .transaction import Delivery, Stale, deliver
 
 TIMEOUT = "SMTP server did not answer before the deadline"
