@@ -4,7 +4,8 @@ for reuse, and closing it politely.
 Like Postfix's connection cache, a session is reused for a bounded time and number of messages:
 each worker thread keeps one per relay, and a reaper thread QUITs the ones left idle too long,
 so a quiet service holds no connections at the provider. Every byte a session reads or writes
-waits only for what is left of its deadline (deadline.py), so no server can stretch a send past it.
+waits only for what is left of its deadline (deadline.py), so no server can stretch a send past
+it. What a failed step means is the decision table's (decisions.py).
 """
 
 import select
@@ -15,18 +16,11 @@ import time
 
 from ..config import Relay
 from ..errors import SendError
+from . import decisions
+from .decisions import DEADLINE, LOST, RelayFailed
 from .deadline import Deadline, connect, timed_out
 
 QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
-
-
-class RelayFailed(Exception):
-    """This relay cannot take the mail, and nothing of it was sent: another relay may.
-    `error` is the answer if none can; `reason` names the failure for metrics."""
-
-    def __init__(self, error: SendError, reason: str):
-        super().__init__(error.message)
-        self.error, self.reason = error, reason
 
 
 class _CredentialsRefused(smtplib.SMTPResponseException):
@@ -43,6 +37,7 @@ class _SMTP(smtplib.SMTP):
         super().__init__(local_hostname=helo)  # no host: open() connects
         self.deadline, self.tls, self.implicit_tls = deadline, tls, implicit_tls
         self.turns, self._spoke = 0, True  # the greeting is the first wait
+        self.stage = "connect"  # the step under way, in the decision table's words
 
     def open(self, host: str, port: int) -> None:
         self._host = host  # starttls() checks the certificate against it
@@ -53,7 +48,10 @@ class _SMTP(smtplib.SMTP):
 
     def _get_socket(self, host, port, timeout):
         sock = connect(host, port, self.deadline)
-        return self.tls.wrap_socket(sock, server_hostname=host) if self.implicit_tls else sock
+        if self.implicit_tls:
+            sock = self.tls.wrap_socket(sock, server_hostname=host)
+        self.stage = "greeting"
+        return sock
 
     def send(self, s):
         self._spoke = True
@@ -80,13 +78,6 @@ def _ehlo(smtp) -> None:
         raise smtplib.SMTPResponseException(code, message)
 
 
-def reply_error(stage: str, code: int, *, permanent_code: str = "send_failed") -> SendError:
-    # 421 and other 4xx are transient: the provider is (for now) down. 5xx is permanent.
-    if 400 <= code < 500:
-        return SendError("provider_down", f"SMTP server deferred {stage} (temporary {code})")
-    return SendError(permanent_code, f"SMTP server rejected {stage} ({code})")
-
-
 class Session:
     """One open SMTP session with one relay."""
 
@@ -100,27 +91,30 @@ class Session:
     @classmethod
     def open(cls, relay: Relay, tls, helo: str, deadline: float) -> "Session":
         """Connect, read the greeting, EHLO, STARTTLS (required when configured) and AUTH, all by
-        `deadline`. RelayFailed when the relay cannot be used; TimeoutError at the deadline."""
+        `deadline`. RelayFailed, as the decision table says, when the relay cannot be used."""
         smtp = _SMTP(Deadline(deadline), relay.helo_name or helo, tls, relay.use_tls)
         try:
             smtp.open(relay.host, relay.port)
+            smtp.stage = "EHLO"
             _ehlo(smtp)
+            starttls = smtp.has_extn("starttls")
             if relay.use_starttls:
-                if not smtp.has_extn("starttls"):
-                    raise RelayFailed(SendError("provider_down", "SMTP server does not offer STARTTLS; "
-                                                                 "refusing to send in clear"), "no_starttls")
+                smtp.stage = "STARTTLS"
+                if not starttls:
+                    raise decisions.failure("STARTTLS", LOST, relay, why="no_starttls", message=(
+                        "SMTP server does not offer STARTTLS; refusing to send in clear"))
                 smtp.starttls(context=tls)
+                smtp.stage = "EHLO"
                 _ehlo(smtp)
             if relay.user:
+                smtp.stage = "AUTH"
                 smtp.login(relay.user, relay.password)
         except RelayFailed:
             _close(smtp)
             raise
         except Exception as e:
             _close(smtp)
-            if timed_out(e, deadline):
-                raise TimeoutError from None
-            raise _open_failure(e, relay) from None
+            raise _open_failure(e, smtp.stage, relay, deadline) from None
         return cls(relay, smtp)
 
     def until(self, deadline: float) -> None:
@@ -160,26 +154,20 @@ def _close(smtp) -> None:
         pass
 
 
-def _open_failure(e: BaseException, relay: Relay) -> RelayFailed:
-    if isinstance(e, (smtplib.SMTPAuthenticationError, _CredentialsRefused)):
-        if 400 <= e.smtp_code < 500:
-            return RelayFailed(SendError("provider_down", "SMTP server deferred authentication "
-                                                          f"(temporary {e.smtp_code})"), "deferred")
-        return RelayFailed(SendError("send_failed", f"SMTP authentication failed; check {relay.prefix}USER and "
-                                                    f"{relay.prefix}PASSWORD"), "auth")
-    if isinstance(e, smtplib.SMTPNotSupportedError):
-        return RelayFailed(SendError("send_failed", "SMTP server does not offer AUTH"), "auth")
-    if isinstance(e, (ssl.SSLError, ssl.CertificateError)):
-        return RelayFailed(SendError("provider_down", "TLS handshake with the SMTP server failed"), "tls")
-    if isinstance(e, smtplib.SMTPConnectError):
-        error = SendError("provider_down", f"SMTP server refused the session ({e.smtp_code})")
-        return RelayFailed(error, "deferred" if 400 <= e.smtp_code < 500 else "refused")
-    if isinstance(e, smtplib.SMTPResponseException):
-        return RelayFailed(reply_error("the session", e.smtp_code),
-                           "deferred" if 400 <= e.smtp_code < 500 else "refused")
+def _open_failure(e: BaseException, stage: str, relay: Relay, deadline: float) -> RelayFailed:
+    if timed_out(e, deadline):
+        return decisions.failure(stage, DEADLINE, relay)
+    if isinstance(e, smtplib.SMTPResponseException):  # a refusal: the greeting's, EHLO's, AUTH's...
+        return decisions.failure(stage, e.smtp_code, relay)
+    if stage == "AUTH" and isinstance(e, smtplib.SMTPException) and not isinstance(e, smtplib.SMTPServerDisconnected):
+        # smtplib's own refusal: no AUTH offered, or no mechanism it speaks; a permanent one.
+        message = ("SMTP server does not offer AUTH" if isinstance(e, smtplib.SMTPNotSupportedError)
+                   else "SMTP server offers no AUTH mechanism herald-smtp speaks (PLAIN, LOGIN, CRAM-MD5)")
+        return decisions.failure(stage, "5xx", relay, message=message)
     if isinstance(e, (OSError, smtplib.SMTPException)):
-        return RelayFailed(SendError("provider_down", "SMTP server unreachable"), "unreachable")
-    return RelayFailed(SendError("send_failed", "unexpected error while connecting to the SMTP server"), "unexpected")
+        return decisions.failure(stage, LOST, relay, tls=isinstance(e, ssl.SSLError))
+    return RelayFailed(SendError("send_failed", "unexpected error while connecting to the SMTP server"),
+                       "unexpected")
 
 
 class Sessions:

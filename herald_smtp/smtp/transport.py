@@ -2,9 +2,9 @@
 
 Three jobs, kept apart as Postfix's SMTP client keeps them: choosing a relay and remembering
 which failed (relays.py), holding sessions with a relay (session.py), and running one mail on a
-session (transaction.py). A send moves on to the next relay only while nothing of the message
-has gone out, and all relays share the send's one deadline. Failures leave as SendError with a
-contract code.
+session (transaction.py). What each reply means, whether the session is kept, retried fresh or
+dropped and whether the send moves to the next relay, is one table (decisions.py). All relays
+share the send's one deadline. Failures leave as SendError with a contract code.
 """
 
 import smtplib
@@ -14,12 +14,12 @@ import time
 
 from ..config import Config
 from ..errors import DeliveryUnknown, SendError
+from . import decisions
 from .deadline import timed_out, tls_context
+from .decisions import DEADLINE, LOST, TIMEOUT, RelayFailed, Stale
 from .relays import Relays
-from .session import RelayFailed, Session, Sessions, reply_error
-from .transaction import Delivery, Stale, deliver
-
-TIMEOUT = "SMTP server did not answer before the deadline"
+from .session import Session, Sessions
+from .transaction import Delivery, deliver
 
 
 class Transport:
@@ -60,19 +60,16 @@ class Transport:
             session = Session.open(relay, self._tls[relay.name], self.helo, deadline)
             try:
                 code, _ = session.smtp.mail(sender)
-                if code != 250:
-                    raise reply_error("the sender", code)
-                session.smtp.rset()
+                if code == 250:
+                    session.smtp.rset()
             except (OSError, smtplib.SMTPException) as e:  # smtplib wraps a lost socket in the latter
-                if timed_out(e, deadline):
-                    raise TimeoutError from None
-                raise SendError("provider_down", "connection to the SMTP server was lost") from None
+                raise decisions.failure("MAIL", DEADLINE if timed_out(e, deadline) else LOST, relay) from None
             finally:
                 session.close(polite=True, until=deadline)
+            if code != 250:
+                raise decisions.failure("MAIL", code, relay)
         except RelayFailed as failed:
             raise failed.error from None
-        except TimeoutError:
-            raise SendError("timeout", TIMEOUT) from None
 
     def _send(self, sender, recipient, data, deadline):
         order = self.relays.order()
@@ -85,13 +82,10 @@ class Transport:
             attempt = now + (deadline - now) / (len(order) - i)
             try:
                 delivery = self._attempt(relay, sender, recipient, data, attempt, deadline)
-            except RelayFailed as failed:
+            except RelayFailed as failed:  # the decision table's "next relay"
                 error = self._failed(relay, failed.error, failed.reason)
                 continue
-            except TimeoutError:
-                error = self._failed(relay, SendError("timeout", TIMEOUT), "timeout")
-                continue
-            except SendError as answer:  # about the address, or after the message went out
+            except SendError as answer:  # the table's answers: about the address, or after the message
                 answer.relay = relay.name
                 if isinstance(answer, DeliveryUnknown):
                     self._count(relay.name, failure="unknown")
@@ -111,7 +105,7 @@ class Transport:
                 session = self._open(relay, attempt)
             try:
                 return deliver(session, sender, recipient, data, attempt, deadline, self.cfg.smtp_chunking)
-            except Stale:
+            except Stale:  # the table's "fresh session": once, on a new session of this relay
                 self.sessions.drop(session)
                 session = self._open(relay, attempt)
                 return deliver(session, sender, recipient, data, attempt, deadline, self.cfg.smtp_chunking)
