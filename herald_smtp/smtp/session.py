@@ -79,10 +79,10 @@ def _ehlo(smtp) -> None:
 
 
 class Session:
-    """One open SMTP session with one relay."""
+    """One open SMTP session with one relay. `starttls`: the server offered STARTTLS."""
 
-    def __init__(self, relay: Relay, smtp: _SMTP):
-        self.relay, self.smtp = relay, smtp
+    def __init__(self, relay: Relay, smtp: _SMTP, starttls: bool = False):
+        self.relay, self.smtp, self.starttls = relay, smtp, starttls
         self.last_used = time.monotonic()
         self.sent = 0
         self.busy = False  # a send holds it (set and read under Sessions' lock)
@@ -115,7 +115,22 @@ class Session:
         except Exception as e:
             _close(smtp)
             raise _open_failure(e, smtp.stage, relay, deadline) from None
-        return cls(relay, smtp)
+        return cls(relay, smtp, starttls)
+
+    def offered(self) -> tuple:
+        """The extensions that decide how a mail goes out, as the relay's EHLO named them."""
+        features = self.smtp.esmtp_features
+        offered = [name.upper() for name in ("pipelining", "chunking") if name in features]
+        if "size" in features:
+            offered.append(" ".join(["SIZE"] + features["size"].split()))
+        if "auth" in features:  # smtplib joins "AUTH x" and "AUTH=x" lines: name each mechanism once
+            offered.append(" ".join(["AUTH"] + list(dict.fromkeys(features["auth"].upper().split()))))
+        return tuple(offered) + (("STARTTLS",) if self.starttls else ())
+
+    def tls_version(self) -> str:
+        """The TLS version the session speaks ("TLSv1.3"), or "" in clear."""
+        sock = self.smtp.sock
+        return (sock.version() or "") if isinstance(sock, ssl.SSLSocket) else ""
 
     def until(self, deadline: float) -> None:
         """Bound everything the session does from now on by `deadline`."""

@@ -7,6 +7,7 @@ dropped and whether the send moves to the next relay, is one table (decisions.py
 share the send's one deadline. Failures leave as SendError with a contract code.
 """
 
+import dataclasses
 import smtplib
 import socket
 import threading
@@ -19,7 +20,16 @@ from .deadline import timed_out, tls_context
 from .decisions import DEADLINE, LOST, TIMEOUT, RelayFailed, Stale
 from .relays import Relays
 from .session import Session, Sessions
-from .transaction import Delivery, deliver
+from .transaction import Delivery, deliver, path
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """What a relay offers, as `check` reports it: the extensions that choose a mail's path,
+    the TLS version the session spoke ("" in clear), and that path."""
+    extensions: tuple
+    tls: str
+    path: str
 
 
 class Transport:
@@ -53,14 +63,16 @@ class Transport:
         """Some relay is not in cool-down."""
         return self.relays.available()
 
-    def probe(self, relay, sender: str, deadline: float) -> None:
+    def probe(self, relay, sender: str, deadline: float) -> Offer:
         """Go as far as a send through `relay` without sending: connect, EHLO, STARTTLS, AUTH,
-        MAIL FROM, then RSET and QUIT. Raises the SendError a send would (`check`)."""
+        MAIL FROM, then RSET and QUIT. Returns what the relay offers; raises the SendError a
+        send would (`check`)."""
         try:
             session = Session.open(relay, self._tls[relay.name], self.helo, deadline)
             try:
                 code, _ = session.smtp.mail(sender)
                 if code == 250:
+                    offer = Offer(session.offered(), session.tls_version(), path(session, self.cfg.smtp_chunking))
                     session.smtp.rset()
             except (OSError, smtplib.SMTPException) as e:  # smtplib wraps a lost socket in the latter
                 raise decisions.failure("MAIL", DEADLINE if timed_out(e, deadline) else LOST, relay) from None
@@ -68,6 +80,7 @@ class Transport:
                 session.close(polite=True, until=deadline)
             if code != 250:
                 raise decisions.failure("MAIL", code, relay)
+            return offer
         except RelayFailed as failed:
             raise failed.error from None
 
