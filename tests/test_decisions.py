@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import CONTRACT_STATUS, ROOT, free_port, wait_for
 from fault_server import FaultServer
 from herald_smtp import load_config
 from herald_smtp.errors import DeliveryUnknown, SendError
@@ -239,6 +239,23 @@ def test_every_deadline_row_on_every_path(fault_server, certs):
         except AssertionError as e:
             failed[row] = str(e).splitlines()[0]
     assert failed == {}
+
+
+def test_the_readme_prints_the_table_the_code_reads():
+    """README "What each SMTP reply means": the same rows, in the same order, as decisions.ROWS."""
+    with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## What each SMTP reply means"):]
+    section = section[:section.index("\n## ", 1)]
+    printed = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in STAGES:
+            stage, replies, session, then, answer = cells
+            status, _, code = answer.strip("`").partition(" ")
+            assert answer == "" or CONTRACT_STATUS[code] == int(status), line
+            printed.append((stage, tuple(replies.split(", ")), session, then, code))
+    assert printed == list(decisions.ROWS)
 
 
 def test_one_decision_for_every_stage_and_reply():
