@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import CONTRACT_STATUS, ROOT, free_port, wait_for
 from fault_server import FaultServer
@@ -241,7 +242,30 @@ def test_every_deadline_row_on_every_path(fault_server, certs):
     assert failed == {}
 
 
-def test_the_readme_prints_the_table_the_code_reads():
+# -- any reply code at all: the seam between smtplib's parse and the table ------------------
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(list(PATHS)), stage=st.sampled_from(["MAIL", "RCPT", "DATA", "message"]),
+       code=st.integers(100, 599), lines=st.integers(1, 3))
+def test_any_reply_does_what_the_table_says_and_never_makes_two_copies(fault_server, path, stage, code, lines):
+    assume(not (stage == "DATA" and path.startswith("BDAT")))
+    assume(code // 100 != (3 if stage == "DATA" else 2))  # what lets a mail go on (a FaultServer script refuses)
+    primary, fallback = fault_server(**PATHS[path]), fault_server(**PATHS[path])
+    reply = "\r\n".join([f"{code}-continued"] * (lines - 1) + [f"{code} scripted"])
+    primary.fault(STEP[stage], reply)
+    t = transport(primary, fallback)
+    try:
+        got = send(t)
+    finally:
+        t.close_all()
+    decision = decisions.decide(stage, code)
+    if decision.then in (NEXT, FRESH):  # a new session: FRESH is the next relay
+        assert (type(got).__name__, got.relay) == ("Delivery", "fallback-1"), got
+    else:
+        assert (type(got).__name__, got.code) == ("SendError", decision.code), got
+    assert primary.accepted == [] and len(fallback.accepted) == (decision.then in (NEXT, FRESH))
+
     """README "What each SMTP reply means": the same rows, in the same order, as decisions.ROWS."""
     with open(f"{ROOT}/README.md", encoding="utf-8") as f:
         text = f.read()
