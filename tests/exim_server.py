@@ -53,9 +53,20 @@ class EximServer(MTAServer):
         """The AUTH attempts Exim refused since the last clear()."""
         return [line for line in self.log().splitlines() if "authenticator failed" in line]
 
+    def received(self):
+        """How each mail came in since the last clear(), from Exim's `<=` lines: ("bdat" where
+        its K field says CHUNKING was used, else "data"; pipelined: its L field, without "-")."""
+        paths = []
+        for line in self.log().splitlines():
+            if " <= " in line:
+                fields = line.split()
+                pipelined = [f for f in fields if f in ("L", "L.", "L*")]
+                paths.append(("bdat" if "K" in fields else "data", bool(pipelined)))
+        return paths
+
     def sessions(self):
         """The SMTP sessions opened since the last clear() (log_selector +smtp_connection)."""
-        return self.log().count("SMTP connection from")
+        return self.log().count("(TCP/IP connection count")
 
     # -- layout -------------------------------------------------------------------
 
@@ -90,7 +101,7 @@ class EximServer(MTAServer):
             "keep_environment": "",
             "host_lookup": "",  # no DNS or ident for 127.0.0.1
             "rfc1413_hosts": "",
-            "log_selector": "+smtp_connection",
+            "log_selector": "+smtp_connection +pipelining",  # L on a pipelined mail's line (K: CHUNKING)
             "smtp_accept_queue_per_connection": "0",  # deliver every mail at once, not just a session's first 10
             "pipelining_advertise_hosts": "*" if self.pipelining else "",
             "chunking_advertise_hosts": "*" if self.chunking else "",

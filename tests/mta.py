@@ -167,6 +167,7 @@ class MTAServer:
             self.port = free_port()
             self._configure()
             if self._spawn():
+                self.clear()  # log() starts after the start and its probe
                 return self
             if "Address already in use" not in self._all_log():
                 break
