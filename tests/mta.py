@@ -437,6 +437,11 @@ class MTAServer:
         return text
 
 
+def alive(pids):
+    """Those of `pids` still in /proc, zombies included."""
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
 def _lines(path):
     with open(path) as f:
         return [line.rstrip("\n") for line in f if line.strip()]

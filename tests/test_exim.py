@@ -9,7 +9,7 @@ import email.policy
 import pytest
 
 from conftest import API_KEY, SMTP_USER, send_json, unique_key, wait_for
-from mta import REFUSED
+from mta import REFUSED, alive
 
 TO = "ada.lovelace@example.com"
 
@@ -130,11 +130,4 @@ def test_stop_leaves_no_process_behind(make_app, make_exim):
     pids = server.pids()  # the reaper, the daemon, the session the app keeps open
     assert len(pids) >= 3
     server.stop()  # Exim's daemon leaves its sessions running: the reaper ends them
-    left = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                left.append(f.read())
-        except FileNotFoundError:
-            pass
-    assert left == []  # zombies included: the reaper waited for every one
+    assert alive(pids) == []  # zombies included: the reaper waited for every one

@@ -9,6 +9,7 @@ import ssl
 import pytest
 
 from conftest import API_KEY, SMTP_USER, send_json, unique_key, wait_for
+from mta import alive
 from postfix_server import REFUSED
 
 TO = "ada.lovelace@example.com"
@@ -122,14 +123,7 @@ def test_stop_leaves_no_process_behind(make_app, make_postfix):
     pids = server.pids()  # master, qmgr, postlogd, smtpd, cleanup, virtual, ...
     assert len(pids) >= 6
     server.stop()
-    left = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                left.append(f.read())
-        except FileNotFoundError:
-            pass
-    assert left == []  # zombies included: the reaper waited for every one
+    assert alive(pids) == []  # zombies included: the reaper waited for every one
 
 
 def test_postfix_as_the_fallback_takes_what_the_primary_defers(gunicorn, postfix, fault_server):
