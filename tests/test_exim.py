@@ -1,7 +1,7 @@
 """herald-smtp against a real Exim 4.96 (tests/exim_server.py): PIPELINING and CHUNKING as Exim
-offers them by default, STARTTLS with the test CA, AUTH after it; Exim without PIPELINING; and
-Exim's own per-session message limit. Exim's log says which path each mail took (K: BDAT,
-L: pipelined)."""
+offers them by default, STARTTLS with the test CA, AUTH after it; Exim without PIPELINING.
+Exim's log says which path each mail took (K: BDAT, L: pipelined). Its per-session limit:
+tests/test_mta_limits.py."""
 
 import email
 import email.policy
@@ -66,16 +66,15 @@ def test_a_refused_recipient_leaves_the_session_usable(make_app, exim):
     assert exim.sessions() == 1  # the refusal did not cost the session
 
 
-@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
-def test_through_gunicorn_one_session_carries_every_mail(gunicorn, exim, chunking):
-    g = gunicorn(exim.env(API_KEY=API_KEY, SMTP_CHUNKING=str(chunking).lower()), workers=1, threads=1)
+def test_through_gunicorn_one_session_carries_every_mail(gunicorn, exim):
+    g = gunicorn(exim.env(API_KEY=API_KEY), workers=1, threads=1)
     sent = [f"{n}{n}{n}{n}{n}{n}" for n in range(1, 6)]
     for code in sent:
         status, body = g.post({"to": TO, "body": f"Your code is {code}"}, key=unique_key(),
                               headers={"X-API-Key": API_KEY})
         assert (status, body["ok"]) == (200, True), body
     assert sorted(codes(exim.wait_for_messages(5))) == sent  # delivered side by side: any order
-    assert exim.received() == [("bdat" if chunking else "data", True)] * 5
+    assert exim.received() == [("bdat", True)] * 5  # pipelined BDAT, the path Exim's defaults give
     g.stop()
     wait_for(lambda: "closed by QUIT" in exim.log(), timeout=5)  # the worker said QUIT on its way out
     assert exim.sessions() == 1
@@ -93,21 +92,6 @@ def test_without_pipelining_one_command_at_a_time(make_app, make_exim, chunking)
     assert server.received() == [("bdat" if chunking else "data", False)] * 3
     assert "synchronization error" not in server.log()
     assert server.sessions() == 1
-
-
-@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
-def test_exims_per_session_limit_below_ours_costs_no_send(gunicorn, make_exim, chunking):
-    """smtp_accept_max_per_connection = 3 (ours: 100): Exim answers the 4th MAIL on a session
-    with 421. The mail goes on a fresh session; every send is 200 and delivered once."""
-    server = make_exim(tls=False, max_per_connection=3)
-    g = gunicorn(server.env(API_KEY=API_KEY, SMTP_CHUNKING=str(chunking).lower()), workers=1, threads=1)
-    sent = [f"{n:06d}" for n in range(1, 8)]
-    statuses = [g.post({"to": TO, "body": f"Your code is {code}"}, key=unique_key(),
-                       headers={"X-API-Key": API_KEY}) for code in sent]
-    assert [s for s, _ in statuses] == [200] * 7, [(s, b.get("error_message")) for s, b in statuses]
-    assert sorted(codes(server.wait_for_messages(7))) == sent
-    assert "too many messages in one connection" in server.log()  # the limit was reached
-    assert {path for path, _ in server.received()} == {"bdat" if chunking else "data"}
 
 
 # -- the fixture itself ---------------------------------------------------------------

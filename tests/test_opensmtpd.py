@@ -1,13 +1,13 @@
 """herald-smtp against a real OpenSMTPD 6.8 (tests/opensmtpd_server.py): plain SMTP, DATA one
-command at a time (it offers neither PIPELINING nor CHUNKING), and its own per-session message
-limit, answered with 452 at MAIL on a session it keeps open."""
+command at a time (it offers neither PIPELINING nor CHUNKING). Its per-session limit:
+tests/test_mta_limits.py."""
 
 import email
 import email.policy
 
 import pytest
 
-from conftest import API_KEY, send_json, unique_key
+from conftest import send_json, unique_key
 from mta import REFUSED, alive
 from opensmtpd_server import TLS_BROKEN
 
@@ -45,19 +45,6 @@ def test_a_refused_recipient_leaves_the_session_usable(make_app, opensmtpd):
     assert codes(opensmtpd.messages()) == ["654321"]
     assert f'command="rcpt TO:<{REFUSED}>" result="550 Invalid recipient' in opensmtpd.log()
     assert opensmtpd.sessions() == 1
-
-
-def test_its_per_session_limit_below_ours_costs_no_send(gunicorn, make_opensmtpd):
-    """`smtp limit max-mails 3` (ours: 100): the 4th MAIL on a session is answered 452, and the
-    session stays open. The mail goes on a fresh session; every send is 200 and delivered once."""
-    server = make_opensmtpd(max_mails=3)
-    g = gunicorn(server.env(API_KEY=API_KEY), workers=1, threads=1)
-    sent = [f"{n:06d}" for n in range(1, 8)]
-    statuses = [g.post({"to": TO, "body": f"Your code is {code}"}, key=unique_key(),
-                       headers={"X-API-Key": API_KEY}) for code in sent]
-    assert [s for s, _ in statuses] == [200] * 7, [(s, b.get("error_message")) for s, b in statuses]
-    assert sorted(codes(server.wait_for_messages(7))) == sent
-    assert 'result="452 4.5.3 Too many recipients: Too many messages sent"' in server.log()  # the limit was reached
 
 
 def test_starttls(make_app, make_opensmtpd):
