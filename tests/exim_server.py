@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from conftest import SMTP_PASSWORD, SMTP_USER
+from conftest import SMTP_PASSWORD, SMTP_USER, _stopped_after
 from mta import DOMAIN, REFUSED, UNPACKED, MTAServer, started, unpacked_unavailable
 
 EXIM = "/usr/sbin/exim4"
@@ -115,7 +115,8 @@ class EximServer(MTAServer):
             main["smtp_accept_max_per_connection"] = str(self.max_per_connection)
         main.update(self.config)
         sender = "condition = ${if eq{$sender_address}{%s}}"
-        auth_required = "  deny    message = 5.7.1 authentication required\n          !authenticated = *\n" if self.auth else ""
+        auth_required = ("  deny    message = 5.7.1 authentication required\n"
+                         "          !authenticated = *\n") if self.auth else ""
         text = "".join(f"{k} = {v}\n" for k, v in main.items()) + f"domainlist local_domains = {DOMAIN}\n"
         text += f"""
 begin acl
@@ -215,13 +216,5 @@ def exim(exim_server):
 def make_exim(certs, tmp_path):
     """Factory for another setup, stopped after the test: make_exim(tls=True, auth=False,
     pipelining=True, chunking=True, max_per_connection=None, config={})."""
-    servers = []
-
-    def make(tls=True, **kwargs):
-        server = EximServer(tmp_path, certs=certs if tls else None, **kwargs)
-        servers.append(server)
-        return started(server)
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from _stopped_after(
+        lambda tls=True, **kwargs: started(EximServer(tmp_path, certs=certs if tls else None, **kwargs)))

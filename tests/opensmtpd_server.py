@@ -20,6 +20,7 @@ import ssl
 
 import pytest
 
+from conftest import _stopped_after
 from mta import DOMAIN, REFUSED, UNPACKED, MTAServer, started, unpacked_unavailable
 
 SMTPD = "/usr/sbin/smtpd"
@@ -126,13 +127,5 @@ def opensmtpd(opensmtpd_server):
 @pytest.fixture
 def make_opensmtpd(certs, tmp_path):
     """Factory for another setup, stopped after the test: make_opensmtpd(tls=False, max_mails=None)."""
-    servers = []
-
-    def make(tls=False, **kwargs):
-        server = OpenSMTPDServer(tmp_path, certs=certs if tls else None, **kwargs)
-        servers.append(server)
-        return started(server)
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from _stopped_after(
+        lambda tls=False, **kwargs: started(OpenSMTPDServer(tmp_path, certs=certs if tls else None, **kwargs)))

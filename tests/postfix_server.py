@@ -25,8 +25,8 @@ import time
 
 import pytest
 
-from conftest import SMTP_PASSWORD, SMTP_USER
-from mta import DOMAIN, REFUSED, MTAServer, Unavailable, started
+from conftest import SMTP_PASSWORD, SMTP_USER, _stopped_after
+from mta import DOMAIN, REFUSED, MTAServer, started  # noqa: F401 (DOMAIN, REFUSED: for the tests)
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 SASL_REALM = "herald.test"
@@ -247,13 +247,5 @@ def postfix(postfix_server):
 def make_postfix(certs, tmp_path):
     """Factory for another setup, stopped after the test:
     make_postfix(tls=True, require_tls=False, auth=False, chunking=True, config={main.cf: value})."""
-    servers = []
-
-    def make(tls=True, **kwargs):
-        server = PostfixServer(tmp_path, certs=certs if tls else None, **kwargs)
-        servers.append(server)
-        return started(server)
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from _stopped_after(
+        lambda tls=True, **kwargs: started(PostfixServer(tmp_path, certs=certs if tls else None, **kwargs)))

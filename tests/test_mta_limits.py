@@ -5,18 +5,14 @@ one cached session), every send is 200 and every mail is delivered once.
 Exim (smtp_accept_max_per_connection) answers MAIL past its limit with 421; OpenSMTPD
 (smtp limit max-mails) with 452, and keeps the session open."""
 
-import email
-import email.policy
 
 import pytest
 
 from conftest import API_KEY, unique_key
+from mta import codes
 
 TO = "ada.lovelace@example.com"
 
-
-def codes(raws):
-    return [email.message_from_bytes(r, policy=email.policy.default).get_content().split()[-1] for r in raws]
 
 
 def send_seven(g):

@@ -4,17 +4,15 @@ a send moving from one MTA to another when the first defers before the data.
 Exim defers by address (tests/exim_server.py): a sender DEFER[code] is refused at MAIL, a
 recipient DEFER[code] at RCPT. OpenSMTPD, the fallback, takes both."""
 
-import email
-import email.policy
 import re
 
 import pytest
 
 from conftest import send_json, unique_key
-from mta import started
 from exim_server import DEFER, EximServer
 from herald_smtp import load_config
 from herald_smtp.smtp.message import MessageBuilder, SendRequest
+from mta import codes, parse, started
 
 TO = "ada.lovelace@example.com"
 SUBJECT = "Ваш код подтверждения — вход в «Геральд» ✓"
@@ -26,12 +24,6 @@ BODY = "\n".join(
     + [".", "..", ".hidden", "... three", " . not leading", "Ёлки, щи, ъ — всё на месте.", "."])
 
 
-def parse(raw):
-    return email.message_from_bytes(raw, policy=email.policy.default)
-
-
-def codes(raws):
-    return [parse(r).get_content().split()[-1] for r in raws]
 
 
 def without_date(data: bytes) -> bytes:

@@ -2,24 +2,16 @@
 command at a time (it offers neither PIPELINING nor CHUNKING). Its per-session limit:
 tests/test_mta_limits.py."""
 
-import email
-import email.policy
 
 import pytest
 
 from conftest import send_json, unique_key
-from mta import REFUSED, alive
+from mta import REFUSED, alive, codes, parse
 from opensmtpd_server import TLS_BROKEN
 
 TO = "ada.lovelace@example.com"
 
 
-def parse(raw):
-    return email.message_from_bytes(raw, policy=email.policy.default)
-
-
-def codes(raws):
-    return [parse(r).get_content().split()[-1] for r in raws]
 
 
 def test_a_plain_send_arrives_once(make_app, opensmtpd):
