@@ -97,6 +97,10 @@ def namespace_unavailable():
         return f"the MTAs' daemons only start as root (these tests run as uid {os.geteuid()})"
     if not shutil.which("unshare"):
         return "no unshare(1) on this machine (Debian: util-linux)"
+    try:
+        pwd.getpwnam("nobody")  # every MTA here delivers as nobody
+    except KeyError:
+        return "no 'nobody' user on this machine"
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
     if done.returncode:
         return f"no private mount namespace here (unshare -m: {done.stderr.strip()})"
