@@ -97,3 +97,18 @@ def test_exim_deferring_before_the_data_hands_the_mail_to_opensmtpd(request, mak
     assert send_json(client, {"to": to, "body": "Your code is 222222"}, key=unique_key()).status_code == 200
     assert sorted(codes(opensmtpd.messages())) == ["111111", "222222"]
     assert exim.sessions() == sessions
+
+
+def test_check_says_what_each_mta_offers_and_the_path_a_mail_takes(exim, opensmtpd, postfix, tmp_path):
+    """`check` against the three real MTAs at once (Exim the primary, with STARTTLS and AUTH)."""
+    from test_check import check, store
+
+    env = {**exim.env(), **opensmtpd.fallback_env(1), **postfix.fallback_env(2), **store(tmp_path)}
+    status, lines = check(env)
+    assert status == 0, lines
+    offers = [line.split("; ", 2)[2] for line in lines if line.startswith("ok: ") and "; offers " in line]
+    assert offers == [
+        "offers PIPELINING, CHUNKING, SIZE 52428800, AUTH PLAIN LOGIN, STARTTLS; TLSv1.3; mail goes by BDAT pipelined",
+        "offers SIZE 36700160; no TLS; mail goes by DATA",
+        "offers PIPELINING, CHUNKING, SIZE 10240000, AUTH PLAIN LOGIN, STARTTLS; TLSv1.3; mail goes by BDAT pipelined",
+    ], lines
