@@ -221,6 +221,8 @@ def run_row(case, fault_server, certs):
     assert kept == (decision.session == KEEP or fresh)
     if decision.session == KEEP:
         assert commands[-1] == "RSET"
+    elif decision.session == DROP and column in ("452", "4xx", "5xx") and not fresh:
+        assert commands[-1] == "QUIT"  # a server that refused but still listens hears goodbye
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=case_id)

@@ -43,7 +43,6 @@ class _SMTP(smtplib.SMTP):
         self._host = host  # starttls() checks the certificate against it
         code, message = self.connect(host, port)
         if code != 220:
-            self.close()
             raise smtplib.SMTPConnectError(code, message)
 
     def _get_socket(self, host, port, timeout):
@@ -110,10 +109,10 @@ class Session:
                 smtp.stage = "AUTH"
                 smtp.login(relay.user, relay.password)
         except RelayFailed:
-            _close(smtp)
+            _close(smtp, quit=True)
             raise
         except Exception as e:
-            _close(smtp)
+            _close(smtp, quit=isinstance(e, smtplib.SMTPResponseException))  # a refusal: it still listens
             raise _open_failure(e, smtp.stage, relay, deadline) from None
         return cls(relay, smtp, starttls)
 
@@ -162,7 +161,13 @@ class Session:
         _close(self.smtp)
 
 
-def _close(smtp) -> None:
+def _close(smtp, quit: bool = False) -> None:
+    """Close the connection; with `quit`, say QUIT first, without waiting for its 221."""
+    try:
+        if quit and smtp.sock is not None:
+            smtp.send("QUIT\r\n")
+    except (OSError, smtplib.SMTPException):
+        pass
     try:
         smtp.close()
     except OSError:
