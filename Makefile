@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CAPTURE_PORT ?= 1025
 
-.PHONY: run test load bench install clean
+.PHONY: run test load bench install mtas clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(BIN)/activate: requirements.txt requirements-dev.txt
 	touch $(BIN)/activate
 
 install: $(BIN)/activate
+
+# Exim and OpenSMTPD for the tests, from Debian's packages: downloaded and unpacked into
+# .cache/mtas, never installed (tests/unpack-mtas says how). Once; without apt the tests skip.
+mtas:
+	@tests/unpack-mtas
 
 # The service on :8084 under gunicorn, sending to a capture server on 127.0.0.1:$(CAPTURE_PORT)
 # that prints every mail it receives to this terminal. Values from .env are overridden here.
@@ -27,7 +32,7 @@ run: install
 # Four test processes (most of the suite waits on servers and deadlines), then the tests marked
 # `serial` (they measure timing or balance, and need the machine to themselves), one at a time.
 # Exit status 5 is "no test selected", when PYTEST_ARGS picks none of one kind.
-test: install
+test: install mtas
 	$(BIN)/python -m pytest -q -n 4 --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/python -m pytest -q -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

@@ -2,7 +2,8 @@
 
 Loads the configuration as the service does (ENV_FILE or .env, then the real environment on top), reports
 every problem it finds, then goes as far as a real send (EHLO, STARTTLS, AUTH, MAIL FROM) and
-says RSET instead of sending. Prints no secret, no SMTP host and no recipient.
+says RSET instead of sending, and prints what each relay offers and so which path a mail takes
+through it. Prints no secret, no SMTP host and no recipient.
 """
 
 import os
@@ -49,8 +50,9 @@ def run(send_to: str = "", out=print) -> int:
     failed, errors = [], []
     for relay in cfg.relays:  # one line each
         try:
-            transport.probe(relay, builder.sender, time.monotonic() + cfg.smtp_timeout_seconds)
-            out(f"ok: {relay.name}: SMTP on port {relay.port} ({_mode(relay)}) accepted the sender; RSET, nothing sent")
+            offer = transport.probe(relay, builder.sender, time.monotonic() + cfg.smtp_timeout_seconds)
+            out(f"ok: {relay.name}: SMTP on port {relay.port} ({_mode(relay)}) accepted the sender; "
+                f"RSET, nothing sent; {_offered(offer)}")
         except SendError as err:
             out(f"problem: {relay.name}: {err.message}")
             failed.append(relay.name)
@@ -91,6 +93,12 @@ def _load(env):
 def _mode(relay) -> str:
     tls = "implicit TLS" if relay.use_tls else "STARTTLS" if relay.use_starttls else "no TLS"
     return tls + (", AUTH" if relay.user else "")
+
+
+def _offered(offer) -> str:
+    """What the relay offers and so which path a mail takes (README "Checking the configuration")."""
+    extensions = ", ".join(offer.extensions) or "none of PIPELINING, CHUNKING, SIZE, AUTH, STARTTLS"
+    return f"offers {extensions}; {offer.tls or 'no TLS'}; mail goes by {offer.path}"
 
 
 def _check_store(cfg: Config) -> None:

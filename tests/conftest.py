@@ -45,7 +45,9 @@ CONTRACT_STATUS = {
     "idempotency_conflict": 409, "rate_limited": 429, "provider_down": 503, "timeout": 504,
     "send_failed": 500, "not_found": 404, "method_not_allowed": 405,
 }
-pytest_plugins = ("postfix_server",)  # a private Postfix smtpd: postfix, postfix_server, make_postfix
+# Private MTAs (tests/mta.py): postfix, postfix_server, make_postfix; exim, exim_server, make_exim;
+# opensmtpd, opensmtpd_server, make_opensmtpd.
+pytest_plugins = ("postfix_server", "exim_server", "opensmtpd_server")
 
 
 # Ports for the servers the tests start, below the kernel's ephemeral range (32768 and up): a port

@@ -10,7 +10,9 @@ it, "message" the reading of the data after DATA's 354 or of a BDAT chunk, "dot"
   "dribble"  send the usual reply one byte every DRIBBLE_SECONDS
   "plain"  (starttls) say 220, then keep talking plain text instead of TLS
   "4xx ..." / "5xx ..."  that reply; after a 421 the server closes, as RFC 5321 says
-Otherwise it behaves like a small, correct server. `received` holds every message whose final
+`session_limit=(n, reply)` answers MAIL with `reply` once a session has carried n messages (Exim's
+`smtp_accept_max_per_connection` says 421 and closes; OpenSMTPD's `max-mails` says 452 and keeps the
+connection open). Otherwise it behaves like a small, correct server. `received` holds every message whose final
 '.' arrived; `accepted` those it answered 250 to (what a real server would deliver).
 """
 
@@ -34,11 +36,12 @@ DRIBBLE_SECONDS = 0.4
 
 class FaultServer:
     def __init__(self, certs=None, auth=False, pipelining=False, rcvbuf=None, chunking=False,
-                 bdat_without_recipients=False):
+                 bdat_without_recipients=False, session_limit=None):
         self.certs, self.auth = certs, auth  # certs: offer STARTTLS with this trustme CA
         self.pipelining = pipelining  # offer PIPELINING: the client sends MAIL, RCPT and DATA at once
         self.chunking = chunking  # offer CHUNKING: the message may come by BDAT (its final reply is "dot")
         self.bdat_without_recipients = bdat_without_recipients  # a broken server: 250 to BDAT after every RCPT was refused
+        self.session_limit = session_limit
         self.received, self.accepted = [], []
         self.recipients = []  # RCPT addresses per accepted message
         self.sessions = 0
@@ -74,6 +77,12 @@ class FaultServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    @property
+    def connections(self) -> int:
+        """Sessions open now (a client's close counts once the server has read it)."""
+        with self._lock:
+            return len(self._conns)
 
     def stop(self):
         self._stopped.set()
@@ -175,6 +184,7 @@ class FaultServer:
         if not self._answer(conn, "greeting"):
             return
         tls, greeted, mail_from, rcpts, chunks = False, False, None, [], []
+        carried = 0  # messages this session carried
         while True:
             line = rfile.readline(4096)
             if not line:
@@ -212,6 +222,10 @@ class FaultServer:
                     return
             elif verb == b"MAIL" and not greeted:
                 conn.sendall(b"503 5.5.1 EHLO/HELO first\r\n")  # as real servers do
+            elif verb == b"MAIL" and self.session_limit and carried >= self.session_limit[0]:
+                conn.sendall(self.session_limit[1].encode() + b"\r\n")
+                if self.session_limit[1].startswith("421"):
+                    return
             elif verb == b"MAIL":
                 outcome = self._answer(conn, "mail")
                 if outcome is None:
@@ -245,6 +259,7 @@ class FaultServer:
                     if chunk == b".\r\n":
                         break
                     data.append(chunk[1:] if chunk.startswith(b"..") else chunk)
+                carried += 1
                 if not self._arrived(conn, b"".join(data), rcpts):
                     return
                 mail_from, rcpts = None, []
@@ -265,6 +280,7 @@ class FaultServer:
                     conn.sendall(b"250 2.0.0 chunk received\r\n")
                     continue
                 message, chunks = b"".join(chunks), []
+                carried += 1
                 if not self._arrived(conn, message, rcpts):
                     return
                 mail_from, rcpts = None, []

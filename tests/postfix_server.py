@@ -6,10 +6,9 @@ example.com goes to one catch-all Maildir, and every other destination is refuse
 (nothing relays, every other transport is `error:`), so nothing can leave the machine.
 The system Postfix (/etc/postfix, /var/spool/postfix) is neither read for settings nor touched.
 
-The instance lives in a directory of its own under the system temp dir, not in pytest's tmp
-tree: Postfix's daemons run as the `postfix` user and must reach their data directory and the
-Maildir, and pytest keeps its tree 0700 root. At stop the log is copied into the pytest tmp dir
-given (kept for a post-mortem) and the instance directory is removed.
+The instance's directory, reaper and reading of the Maildir are tests/mta.py's, shared with
+Exim and OpenSMTPD. At stop the log is copied into the pytest tmp dir given (kept for a
+post-mortem) and the instance directory is removed.
 
 Options: STARTTLS with a certificate from the tests' trustme CA (optionally required), AUTH
 (Cyrus SASL, a sasldb with the tests' user) offered only after STARTTLS, PIPELINING and
@@ -21,54 +20,17 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 
-from conftest import SMTP_PASSWORD, SMTP_USER, free_port
+from conftest import SMTP_PASSWORD, SMTP_USER, _stopped_after
+from mta import DOMAIN, REFUSED, MTAServer, started  # noqa: F401 (DOMAIN, REFUSED: for the tests)
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
-DOMAIN = "example.com"  # the one domain it takes mail for
-REFUSED = f"refused@{DOMAIN}"  # answered 554 5.7.1 at RCPT (a check_recipient_access REJECT)
 SASL_REALM = "herald.test"
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")  # where a mail waits before delivery
-START_SECONDS = 10
-
-# Runs between the tests and Postfix's master: a child subreaper, because the master exits on
-# SIGTERM before the daemons it just signalled, and this container's PID 1 reaps them late.
-_REAPER = r"""
-import ctypes, os, signal, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphaned Postfix daemons are reaped here
-libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a test run that dies stops its Postfix too
-master = None
-def stop(*_):
-    if master is not None:
-        try:
-            os.kill(master, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-signal.signal(signal.SIGTERM, stop)
-master = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
-code = 0
-while True:
-    try:
-        pid, status = os.wait()
-    except ChildProcessError:
-        break
-    if pid == master:
-        code, master = os.waitstatus_to_exitcode(status), None
-sys.exit(1 if code else 0)
-"""
-
-
-class PostfixUnavailable(Exception):
-    """Postfix cannot be run here; the message says why (the fixtures skip with it)."""
 
 
 def _built_in(name) -> str:
@@ -100,135 +62,26 @@ def unavailable(auth: bool = False):
     return None
 
 
-class PostfixServer:
+class PostfixServer(MTAServer):
     """One private Postfix instance. `keep_dir`: a pytest tmp dir that receives its log at stop."""
 
+    name = "postfix"
+
     def __init__(self, keep_dir, certs=None, require_tls=False, auth=False, chunking=True, config=None):
-        if (require_tls or auth) and certs is None:
-            raise ValueError("require_tls and auth need certs: AUTH is only offered after STARTTLS")
-        self.keep_dir = keep_dir
-        self.certs, self.require_tls, self.auth, self.chunking = certs, require_tls, auth, chunking
+        if require_tls and certs is None:
+            raise ValueError("require_tls needs certs")
+        super().__init__(keep_dir, certs=certs, auth=auth)
+        self.require_tls, self.chunking = require_tls, chunking
         self.config = dict(config or {})  # main.cf settings that override the ones below
-        self.port = None
-        self.root = None
-        self._proc = None  # the reaper, parent of the master
-        self._master = None
-        self._log_offset = 0
 
-    # -- life ---------------------------------------------------------------------
-
-    def start(self):
-        """Start and wait for the greeting (raises PostfixUnavailable with the reason)."""
-        reason = unavailable(self.auth)
-        if reason:
-            raise PostfixUnavailable(reason)
-        self.root = tempfile.mkdtemp(prefix="herald-postfix-")
-        os.chmod(self.root, 0o711)  # the daemons, as `postfix`, pass through to data/ and mail/
-        self._lay_out()
-        for _ in range(3):  # another process may take the free port before the master binds it
-            self.port = free_port()
-            self._write(os.path.join(self.etc, "master.cf"), self._master_cf())
-            if self._spawn():
-                return self
-            if "Address already in use" not in self._all_log():
-                break
-        tail = "; ".join(self._all_log().strip().splitlines()[-3:])
-        self.stop()
-        raise PostfixUnavailable(f"Postfix did not start: {tail}")
-
-    def stop(self):
-        """Stop the master and every daemon, then remove the instance (its log is kept)."""
-        self._halt()
-        if self.root is not None:
-            if os.path.exists(self.maillog):
-                shutil.copy(self.maillog, os.path.join(self.keep_dir, f"postfix-{self.port}.log"))
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-    def pids(self):
-        """Every process of this instance, zombies included: the reaper and the master's session."""
-        if self._proc is None:
-            return []
-        found = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(name) == self._proc.pid or (self._master and int(fields[3]) == self._master):  # field 6: session
-                found.append(int(name))
-        return found
-
-    # -- what a test reads --------------------------------------------------------
-
-    def env(self, **extra):
-        """Environment for herald-smtp pointing at this server (as SMTPServer.env does)."""
-        env = {
-            "SMTP_HOST": "127.0.0.1" if self.certs is None else "localhost",  # the certificate's name
-            "SMTP_PORT": str(self.port),
-            "SMTP_FROM": f"noreply@{DOMAIN}",
-            "SMTP_USE_STARTTLS": "false" if self.certs is None else "true",
-            "SMTP_USE_TLS": "false",
-        }
-        if self.certs is not None:
-            env["SMTP_CA_FILE"] = self.certs.ca_file
-        if self.auth:
-            env.update(SMTP_USER=SMTP_USER, SMTP_PASSWORD=SMTP_PASSWORD)
-        env.update(extra)
-        return env
-
-    def messages(self, timeout=5.0):
-        """The delivered messages (raw bytes, in delivery order), once every mail Postfix has
-        accepted so far has left its queue: an empty list means nothing was delivered."""
-        deadline = time.monotonic() + timeout
-        while self._queued():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mail still in Postfix's queue after {timeout}s; its log:\n{self.log()}")
-            time.sleep(0.01)
-        return [_read(path) for path in self._maildir_files()]
-
-    def wait_for_messages(self, n, timeout=5.0):
-        """Wait until at least `n` messages are delivered; returns all of them."""
-        deadline = time.monotonic() + timeout
-        while len(self._maildir_files()) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(self._maildir_files())} of {n} messages delivered after {timeout}s; "
-                                     f"Postfix's log:\n{self.log()}")
-            time.sleep(0.01)
-        return self.messages(max(0.0, deadline - time.monotonic()))
-
-    def clear(self):
-        """Empty the Maildir and start log() afresh, once earlier mail has left the queue."""
-        self.messages()
-        for path in self._maildir_files():
-            os.unlink(path)
-        self._log_offset = os.path.getsize(self.maillog) if os.path.exists(self.maillog) else 0
-
-    def log(self):
-        """What the instance logged since the last clear() (Postfix's own lines, maillog_file)."""
-        try:
-            with open(self.maillog, "rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def unavailable(self):
+        return unavailable(self.auth)
 
     # -- layout -------------------------------------------------------------------
 
     @property
     def etc(self):
         return os.path.join(self.root, "etc")
-
-    @property
-    def maillog(self):
-        return os.path.join(self.root, "maillog")
-
-    @property
-    def maildir(self):
-        return os.path.join(self.root, "mail", "Maildir")
 
     def _lay_out(self):
         queue, data, mail = (os.path.join(self.root, d) for d in ("queue", "data", "mail"))
@@ -351,74 +204,14 @@ postlog unix-dgram n - n - 1 postlogd
 
     # -- running ------------------------------------------------------------------
 
-    def _spawn(self) -> bool:
-        """Run the master under the reaper; True once its smtpd greets."""
-        master = os.path.join(_built_in("daemon_directory"), "master")
-        out = open(os.path.join(self.root, "master.out"), "ab")
-        self._proc = subprocess.Popen([sys.executable, "-c", _REAPER, master, "-c", self.etc],
-                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline and self._proc.poll() is None:
-            if self._greets():
-                with open(os.path.join(self.root, "queue", "pid", "master.pid")) as f:
-                    self._master = int(f.read().split()[0])
-                return True
-            time.sleep(0.02)
-        self._halt()
-        return False
+    def _configure(self):
+        self._write(os.path.join(self.etc, "master.cf"), self._master_cf())
 
-    def _halt(self):
-        """SIGTERM to the reaper, which passes it to the master (that signals its daemons) and
-        exits once it has reaped them all; SIGKILL for whatever is left after 10 s."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            for pid in self.pids():
-                _kill(pid)
-            self._proc.wait()
-        self._proc = self._master = None
-
-    def _greets(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                ok = s.makefile("rb").readline().startswith(b"220 ")
-                s.sendall(b"QUIT\r\n")
-                return ok
-        except OSError:
-            return False
+    def _argv(self):
+        return [os.path.join(_built_in("daemon_directory"), "master"), "-c", self.etc]
 
     def _queued(self) -> bool:
-        for name in QUEUES:
-            for _, _, files in os.walk(os.path.join(self.root, "queue", name)):
-                if files:
-                    return True
-        return False
-
-    def _maildir_files(self):
-        paths = []
-        for sub in ("new", "cur"):
-            try:
-                paths += [e.path for e in os.scandir(os.path.join(self.maildir, sub)) if e.is_file()]
-            except FileNotFoundError:
-                pass
-        return sorted(paths, key=lambda p: (os.stat(p).st_mtime_ns, p))
-
-    def _all_log(self):
-        """The maillog, then whatever the master wrote to stderr before its logger ran."""
-        text = ""
-        for name in ("maillog", "master.out"):
-            try:
-                with open(os.path.join(self.root, name), errors="replace") as f:
-                    text += f.read()
-            except FileNotFoundError:
-                pass
-        return text
+        return any(self._files_under("queue", name) for name in QUEUES)
 
 
 def _mkdir(path, mode, uid, gid):
@@ -434,30 +227,11 @@ def _group(name, default):
         return default
 
 
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _kill(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _started(server):
-    try:
-        return server.start()
-    except PostfixUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def postfix_server(certs, tmp_path_factory):
     """One Postfix for a test module: STARTTLS with the tests' CA, AUTH (conftest's SMTP_USER and
     SMTP_PASSWORD) after STARTTLS, PIPELINING, CHUNKING. Use `postfix` for a cleared one."""
-    server = _started(PostfixServer(tmp_path_factory.mktemp("postfix"), certs=certs, auth=True))
+    server = started(PostfixServer(tmp_path_factory.mktemp("postfix"), certs=certs, auth=True))
     yield server
     server.stop()
 
@@ -473,13 +247,5 @@ def postfix(postfix_server):
 def make_postfix(certs, tmp_path):
     """Factory for another setup, stopped after the test:
     make_postfix(tls=True, require_tls=False, auth=False, chunking=True, config={main.cf: value})."""
-    servers = []
-
-    def make(tls=True, **kwargs):
-        server = PostfixServer(tmp_path, certs=certs if tls else None, **kwargs)
-        servers.append(server)
-        return _started(server)
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from _stopped_after(
+        lambda tls=True, **kwargs: started(PostfixServer(tmp_path, certs=certs if tls else None, **kwargs)))

@@ -34,6 +34,22 @@ def test_passes_against_a_live_server_without_sending(make_server, tmp_path):
     assert not (tmp_path / "idem.sqlite3").exists()  # looked at, not created
 
 
+@pytest.mark.parametrize("env, way", [({}, "BDAT pipelined"), ({"SMTP_CHUNKING": "false"}, "DATA pipelined")])
+def test_each_relays_line_says_what_it_offers_and_which_path_a_mail_takes(fault_server, make_server, certs, tmp_path,
+                                                                          env, way):
+    primary = fault_server(certs=certs, auth=True, pipelining=True, chunking=True)
+    fallback = make_server()  # aiosmtpd in clear: SIZE, no PIPELINING, no CHUNKING, no AUTH
+    relays = {**primary.env(**env), **{f"SMTP_FALLBACK_1_{k[5:]}": v for k, v in fallback.env().items()
+                                        if k != "SMTP_FROM"}}
+    status, lines = check({**relays, **store(tmp_path)})
+    assert status == 0, lines
+    assert f"ok: primary: SMTP on port {primary.port} (STARTTLS, AUTH) accepted the sender; RSET, nothing sent; " \
+           f"offers PIPELINING, CHUNKING, AUTH PLAIN LOGIN, STARTTLS; TLSv1.3; mail goes by {way}" in lines, lines
+    assert f"ok: fallback-1: SMTP on port {fallback.port} (no TLS) accepted the sender; RSET, nothing sent; " \
+           "offers SIZE 33554432; no TLS; mail goes by DATA" in lines
+    assert primary.received == [] and fallback.messages == []
+
+
 def test_send_to_delivers_one_test_message(make_server, tmp_path):
     server = make_server(tls="starttls", auth=True)
     status, lines = check({**server.env(), **store(tmp_path)}, "--send-to", "ops.person@example.org")

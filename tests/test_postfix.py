@@ -3,12 +3,11 @@ AUTH after it, PIPELINING and CHUNKING offered, delivery to a private Maildir.""
 
 import email
 import email.policy
-import smtplib
-import ssl
 
 import pytest
 
 from conftest import API_KEY, SMTP_USER, send_json, unique_key, wait_for
+from mta import alive
 from postfix_server import REFUSED
 
 TO = "ada.lovelace@example.com"
@@ -95,24 +94,12 @@ def test_through_gunicorn_one_session_carries_both_mails_and_quits(gunicorn, pos
 # -- the fixture itself ---------------------------------------------------------------
 
 
-def ehlo(server, tls):
-    smtp = smtplib.SMTP("localhost", server.port, timeout=10)
-    try:
-        smtp.ehlo()
-        if tls:
-            smtp.starttls(context=ssl.create_default_context(cafile=server.certs.ca_file))
-            smtp.ehlo()
-        return set(smtp.esmtp_features)
-    finally:
-        smtp.close()
-
-
 def test_the_fixture_offers_what_it_says(postfix, make_postfix):
-    assert {"pipelining", "chunking", "starttls"} <= ehlo(postfix, tls=False)
-    assert "auth" not in ehlo(postfix, tls=False)  # AUTH only after STARTTLS
-    assert {"pipelining", "chunking", "auth"} <= ehlo(postfix, tls=True)
+    assert {"pipelining", "chunking", "starttls"} <= postfix.ehlo(tls=False).keys()
+    assert "auth" not in postfix.ehlo(tls=False).keys()  # AUTH only after STARTTLS
+    assert {"pipelining", "chunking", "auth"} <= postfix.ehlo(tls=True).keys()
     plain = make_postfix(chunking=False)
-    assert "chunking" not in ehlo(plain, tls=True) and "pipelining" in ehlo(plain, tls=True)
+    assert "chunking" not in plain.ehlo(tls=True).keys() and "pipelining" in plain.ehlo(tls=True).keys()
 
 
 def test_stop_leaves_no_process_behind(make_app, make_postfix):
@@ -122,14 +109,7 @@ def test_stop_leaves_no_process_behind(make_app, make_postfix):
     pids = server.pids()  # master, qmgr, postlogd, smtpd, cleanup, virtual, ...
     assert len(pids) >= 6
     server.stop()
-    left = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                left.append(f.read())
-        except FileNotFoundError:
-            pass
-    assert left == []  # zombies included: the reaper waited for every one
+    assert alive(pids) == []  # zombies included: the reaper waited for every one
 
 
 def test_postfix_as_the_fallback_takes_what_the_primary_defers(gunicorn, postfix, fault_server):

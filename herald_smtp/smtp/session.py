@@ -4,118 +4,23 @@ for reuse, and closing it politely.
 Like Postfix's connection cache, a session is reused for a bounded time and number of messages:
 each worker thread keeps one per relay, and a reaper thread QUITs the ones left idle too long,
 so a quiet service holds no connections at the provider. Every byte a session reads or writes
-waits only for what is left of its deadline (`Deadline`), so no server can stretch a send past it.
+waits only for what is left of its deadline (deadline.py), so no server can stretch a send past
+it. What a failed step means is the decision table's (decisions.py).
 """
 
 import select
 import smtplib
-import socket
 import ssl
 import threading
 import time
 
 from ..config import Relay
 from ..errors import SendError
+from . import decisions
+from .decisions import DEADLINE, LOST, RelayFailed
+from .deadline import Deadline, connect, timed_out
 
 QUIT_SECONDS = 2  # what a session being closed (too old, idle, worker exit) may take to say goodbye
-
-
-class RelayFailed(Exception):
-    """This relay cannot take the mail, and nothing of it was sent: another relay may.
-    `error` is the answer if none can; `reason` names the failure for metrics."""
-
-    def __init__(self, error: SendError, reason: str):
-        super().__init__(error.message)
-        self.error, self.reason = error, reason
-
-
-class Deadline:
-    """When (time.monotonic()) the session's current work must be over. One per session, shared
-    by its plain socket and the TLS socket that replaces it at STARTTLS."""
-    __slots__ = ("at",)
-
-    def __init__(self, at: float):
-        self.at = at
-
-
-class _DeadlineIO:
-    """Socket methods that wait only for what is left of the deadline. A socket timeout alone
-    restarts at every recv, so a server dribbling a byte at a time would never be cut off."""
-    deadline: Deadline
-
-    def _arm(self):
-        left = self.deadline.at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("SMTP deadline passed")
-        self.settimeout(left)
-
-    def recv(self, *args):
-        self._arm()
-        return super().recv(*args)
-
-    def recv_into(self, *args):
-        self._arm()
-        return super().recv_into(*args)
-
-    def send(self, *args):
-        self._arm()
-        return super().send(*args)
-
-    def sendall(self, *args):
-        # A plain socket's sendall is bounded as a whole by its timeout; a TLS one calls send().
-        self._arm()
-        return super().sendall(*args)
-
-
-class _Socket(_DeadlineIO, socket.socket):
-    pass
-
-
-class _TLSSocket(_DeadlineIO, ssl.SSLSocket):
-    """What our TLS contexts wrap sockets in (their sslsocket_class)."""
-
-    @classmethod
-    def _create(cls, sock, *args, **kwargs):
-        sock._arm()  # the handshake inside is bounded as a whole by the socket's timeout
-        tls = super()._create(sock, *args, **kwargs)
-        tls.deadline = sock.deadline
-        return tls
-
-
-def tls_context(relay: Relay):
-    """The client TLS context for a relay (None without TLS), reading and writing on the deadline.
-
-    The relay's CA file is added to the system's CAs rather than replacing them, so a private
-    relay and a relay with a public certificate both verify.
-    """
-    if not (relay.use_tls or relay.use_starttls):
-        return None
-    context = ssl.create_default_context()
-    if relay.ca_file:
-        context.load_verify_locations(cafile=relay.ca_file)
-    if relay.skip_tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    context.sslsocket_class = _TLSSocket
-    return context
-
-
-def _connect(host: str, port: int, deadline: Deadline) -> _Socket:
-    """socket.create_connection on a deadline socket: every address tried shares the deadline."""
-    error = None
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = _Socket(family, kind, proto)
-        sock.deadline = deadline
-        try:
-            sock._arm()
-            sock.connect(address)
-            return sock
-        except OSError as e:
-            sock.close()
-            if isinstance(e, TimeoutError):
-                raise
-            error = e
-    raise error or OSError("the SMTP host has no address")
 
 
 class _CredentialsRefused(smtplib.SMTPResponseException):
@@ -132,17 +37,20 @@ class _SMTP(smtplib.SMTP):
         super().__init__(local_hostname=helo)  # no host: open() connects
         self.deadline, self.tls, self.implicit_tls = deadline, tls, implicit_tls
         self.turns, self._spoke = 0, True  # the greeting is the first wait
+        self.stage = "connect"  # the step under way, in the decision table's words
 
     def open(self, host: str, port: int) -> None:
         self._host = host  # starttls() checks the certificate against it
         code, message = self.connect(host, port)
         if code != 220:
-            self.close()
             raise smtplib.SMTPConnectError(code, message)
 
     def _get_socket(self, host, port, timeout):
-        sock = _connect(host, port, self.deadline)
-        return self.tls.wrap_socket(sock, server_hostname=host) if self.implicit_tls else sock
+        sock = connect(host, port, self.deadline)
+        if self.implicit_tls:
+            sock = self.tls.wrap_socket(sock, server_hostname=host)
+        self.stage = "greeting"
+        return sock
 
     def send(self, s):
         self._spoke = True
@@ -169,27 +77,11 @@ def _ehlo(smtp) -> None:
         raise smtplib.SMTPResponseException(code, message)
 
 
-def timed_out(e: BaseException, deadline: float) -> bool:
-    """smtplib wraps socket timeouts in SMTPServerDisconnected; look through the chain."""
-    while e is not None:
-        if isinstance(e, TimeoutError):
-            return True
-        e = e.__cause__ or e.__context__
-    return time.monotonic() >= deadline
-
-
-def reply_error(stage: str, code: int, *, permanent_code: str = "send_failed") -> SendError:
-    # 421 and other 4xx are transient: the provider is (for now) down. 5xx is permanent.
-    if 400 <= code < 500:
-        return SendError("provider_down", f"SMTP server deferred {stage} (temporary {code})")
-    return SendError(permanent_code, f"SMTP server rejected {stage} ({code})")
-
-
 class Session:
-    """One open SMTP session with one relay."""
+    """One open SMTP session with one relay. `starttls`: the server offered STARTTLS."""
 
-    def __init__(self, relay: Relay, smtp: _SMTP):
-        self.relay, self.smtp = relay, smtp
+    def __init__(self, relay: Relay, smtp: _SMTP, starttls: bool = False):
+        self.relay, self.smtp, self.starttls = relay, smtp, starttls
         self.last_used = time.monotonic()
         self.sent = 0
         self.busy = False  # a send holds it (set and read under Sessions' lock)
@@ -198,28 +90,46 @@ class Session:
     @classmethod
     def open(cls, relay: Relay, tls, helo: str, deadline: float) -> "Session":
         """Connect, read the greeting, EHLO, STARTTLS (required when configured) and AUTH, all by
-        `deadline`. RelayFailed when the relay cannot be used; TimeoutError at the deadline."""
+        `deadline`. RelayFailed, as the decision table says, when the relay cannot be used."""
         smtp = _SMTP(Deadline(deadline), relay.helo_name or helo, tls, relay.use_tls)
         try:
             smtp.open(relay.host, relay.port)
+            smtp.stage = "EHLO"
             _ehlo(smtp)
+            starttls = smtp.has_extn("starttls")
             if relay.use_starttls:
-                if not smtp.has_extn("starttls"):
-                    raise RelayFailed(SendError("provider_down", "SMTP server does not offer STARTTLS; "
-                                                                 "refusing to send in clear"), "no_starttls")
+                smtp.stage = "STARTTLS"
+                if not starttls:
+                    raise decisions.failure("STARTTLS", LOST, relay, why="no_starttls", message=(
+                        "SMTP server does not offer STARTTLS; refusing to send in clear"))
                 smtp.starttls(context=tls)
+                smtp.stage = "EHLO"
                 _ehlo(smtp)
             if relay.user:
+                smtp.stage = "AUTH"
                 smtp.login(relay.user, relay.password)
         except RelayFailed:
-            _close(smtp)
+            _close(smtp, quit=True)
             raise
         except Exception as e:
-            _close(smtp)
-            if timed_out(e, deadline):
-                raise TimeoutError from None
-            raise _open_failure(e, relay) from None
-        return cls(relay, smtp)
+            _close(smtp, quit=isinstance(e, smtplib.SMTPResponseException))  # a refusal: it still listens
+            raise _open_failure(e, smtp.stage, relay, deadline) from None
+        return cls(relay, smtp, starttls)
+
+    def offered(self) -> tuple:
+        """The extensions that decide how a mail goes out, as the relay's EHLO named them."""
+        features = self.smtp.esmtp_features
+        offered = [name.upper() for name in ("pipelining", "chunking") if name in features]
+        if "size" in features:
+            offered.append(" ".join(["SIZE"] + features["size"].split()))
+        if "auth" in features:  # smtplib joins "AUTH x" and "AUTH=x" lines: name each mechanism once
+            offered.append(" ".join(["AUTH"] + list(dict.fromkeys(features["auth"].upper().split()))))
+        return tuple(offered) + (("STARTTLS",) if self.starttls else ())
+
+    def tls_version(self) -> str:
+        """The TLS version the session speaks ("TLSv1.3"), or "" in clear."""
+        sock = self.smtp.sock
+        return (sock.version() or "") if isinstance(sock, ssl.SSLSocket) else ""
 
     def until(self, deadline: float) -> None:
         """Bound everything the session does from now on by `deadline`."""
@@ -251,33 +161,33 @@ class Session:
         _close(self.smtp)
 
 
-def _close(smtp) -> None:
+def _close(smtp, quit: bool = False) -> None:
+    """Close the connection; with `quit`, say QUIT first, without waiting for its 221."""
+    try:
+        if quit and smtp.sock is not None:
+            smtp.send("QUIT\r\n")
+    except (OSError, smtplib.SMTPException):
+        pass
     try:
         smtp.close()
     except OSError:
         pass
 
 
-def _open_failure(e: BaseException, relay: Relay) -> RelayFailed:
-    if isinstance(e, (smtplib.SMTPAuthenticationError, _CredentialsRefused)):
-        if 400 <= e.smtp_code < 500:
-            return RelayFailed(SendError("provider_down", "SMTP server deferred authentication "
-                                                          f"(temporary {e.smtp_code})"), "deferred")
-        return RelayFailed(SendError("send_failed", f"SMTP authentication failed; check {relay.prefix}USER and "
-                                                    f"{relay.prefix}PASSWORD"), "auth")
-    if isinstance(e, smtplib.SMTPNotSupportedError):
-        return RelayFailed(SendError("send_failed", "SMTP server does not offer AUTH"), "auth")
-    if isinstance(e, (ssl.SSLError, ssl.CertificateError)):
-        return RelayFailed(SendError("provider_down", "TLS handshake with the SMTP server failed"), "tls")
-    if isinstance(e, smtplib.SMTPConnectError):
-        error = SendError("provider_down", f"SMTP server refused the session ({e.smtp_code})")
-        return RelayFailed(error, "deferred" if 400 <= e.smtp_code < 500 else "refused")
-    if isinstance(e, smtplib.SMTPResponseException):
-        return RelayFailed(reply_error("the session", e.smtp_code),
-                           "deferred" if 400 <= e.smtp_code < 500 else "refused")
+def _open_failure(e: BaseException, stage: str, relay: Relay, deadline: float) -> RelayFailed:
+    if timed_out(e, deadline):
+        return decisions.failure(stage, DEADLINE, relay)
+    if isinstance(e, smtplib.SMTPResponseException):  # a refusal: the greeting's, EHLO's, AUTH's...
+        return decisions.failure(stage, e.smtp_code, relay)
+    if stage == "AUTH" and isinstance(e, smtplib.SMTPException) and not isinstance(e, smtplib.SMTPServerDisconnected):
+        # smtplib's own refusal: no AUTH offered, or no mechanism it speaks; a permanent one.
+        message = ("SMTP server does not offer AUTH" if isinstance(e, smtplib.SMTPNotSupportedError)
+                   else "SMTP server offers no AUTH mechanism herald-smtp speaks (PLAIN, LOGIN, CRAM-MD5)")
+        return decisions.failure(stage, "5xx", relay, message=message)
     if isinstance(e, (OSError, smtplib.SMTPException)):
-        return RelayFailed(SendError("provider_down", "SMTP server unreachable"), "unreachable")
-    return RelayFailed(SendError("send_failed", "unexpected error while connecting to the SMTP server"), "unexpected")
+        return decisions.failure(stage, LOST, relay, tls=isinstance(e, ssl.SSLError))
+    return RelayFailed(SendError("send_failed", "unexpected error while connecting to the SMTP server"),
+                       "unexpected")
 
 
 class Sessions:

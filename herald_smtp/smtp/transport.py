@@ -2,11 +2,12 @@
 
 Three jobs, kept apart as Postfix's SMTP client keeps them: choosing a relay and remembering
 which failed (relays.py), holding sessions with a relay (session.py), and running one mail on a
-session (transaction.py). A send moves on to the next relay only while nothing of the message
-has gone out, and all relays share the send's one deadline. Failures leave as SendError with a
-contract code.
+session (transaction.py). What each reply means, whether the session is kept, retried fresh or
+dropped and whether the send moves to the next relay, is one table (decisions.py). All relays
+share the send's one deadline. Failures leave as SendError with a contract code.
 """
 
+import dataclasses
 import smtplib
 import socket
 import threading
@@ -14,11 +15,21 @@ import time
 
 from ..config import Config
 from ..errors import DeliveryUnknown, SendError
+from . import decisions
+from .deadline import timed_out, tls_context
+from .decisions import DEADLINE, LOST, TIMEOUT, RelayFailed, Stale
 from .relays import Relays
-from .session import RelayFailed, Session, Sessions, reply_error, timed_out, tls_context
-from .transaction import Delivery, Stale, deliver
+from .session import Session, Sessions
+from .transaction import Delivery, deliver, path
 
-TIMEOUT = "SMTP server did not answer before the deadline"
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """What a relay offers, as `check` reports it: the extensions that choose a mail's path,
+    the TLS version the session spoke ("" in clear), and that path."""
+    extensions: tuple
+    tls: str
+    path: str
 
 
 class Transport:
@@ -52,26 +63,26 @@ class Transport:
         """Some relay is not in cool-down."""
         return self.relays.available()
 
-    def probe(self, relay, sender: str, deadline: float) -> None:
+    def probe(self, relay, sender: str, deadline: float) -> Offer:
         """Go as far as a send through `relay` without sending: connect, EHLO, STARTTLS, AUTH,
-        MAIL FROM, then RSET and QUIT. Raises the SendError a send would (`check`)."""
+        MAIL FROM, then RSET and QUIT. Returns what the relay offers; raises the SendError a
+        send would (`check`)."""
         try:
             session = Session.open(relay, self._tls[relay.name], self.helo, deadline)
             try:
                 code, _ = session.smtp.mail(sender)
-                if code != 250:
-                    raise reply_error("the sender", code)
-                session.smtp.rset()
+                if code == 250:
+                    offer = Offer(session.offered(), session.tls_version(), path(session, self.cfg.smtp_chunking))
+                    session.smtp.rset()
             except (OSError, smtplib.SMTPException) as e:  # smtplib wraps a lost socket in the latter
-                if timed_out(e, deadline):
-                    raise TimeoutError from None
-                raise SendError("provider_down", "connection to the SMTP server was lost") from None
+                raise decisions.failure("MAIL", DEADLINE if timed_out(e, deadline) else LOST, relay) from None
             finally:
                 session.close(polite=True, until=deadline)
+            if code != 250:
+                raise decisions.failure("MAIL", code, relay)
+            return offer
         except RelayFailed as failed:
             raise failed.error from None
-        except TimeoutError:
-            raise SendError("timeout", TIMEOUT) from None
 
     def _send(self, sender, recipient, data, deadline):
         order = self.relays.order()
@@ -84,13 +95,10 @@ class Transport:
             attempt = now + (deadline - now) / (len(order) - i)
             try:
                 delivery = self._attempt(relay, sender, recipient, data, attempt, deadline)
-            except RelayFailed as failed:
+            except RelayFailed as failed:  # the decision table's "next relay"
                 error = self._failed(relay, failed.error, failed.reason)
                 continue
-            except TimeoutError:
-                error = self._failed(relay, SendError("timeout", TIMEOUT), "timeout")
-                continue
-            except SendError as answer:  # about the address, or after the message went out
+            except SendError as answer:  # the table's answers: about the address, or after the message
                 answer.relay = relay.name
                 if isinstance(answer, DeliveryUnknown):
                     self._count(relay.name, failure="unknown")
@@ -110,7 +118,7 @@ class Transport:
                 session = self._open(relay, attempt)
             try:
                 return deliver(session, sender, recipient, data, attempt, deadline, self.cfg.smtp_chunking)
-            except Stale:
+            except Stale:  # the table's "fresh session": once, on a new session of this relay
                 self.sessions.drop(session)
                 session = self._open(relay, attempt)
                 return deliver(session, sender, recipient, data, attempt, deadline, self.cfg.smtp_chunking)
