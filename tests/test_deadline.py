@@ -52,6 +52,7 @@ def _timed(post, *args, **kwargs):
     return status, body, time.monotonic() - started
 
 
+@pytest.mark.serial  # fifteen stages at once, each timed to half a second: needs both cores
 def test_every_stage_dribbled_or_stalled_is_answered_by_the_deadline(fault_server, gunicorn, certs):
     services = {}
     for stage, (options, faults, request, _) in STAGES.items():
