@@ -62,6 +62,10 @@ control_socket_disable = True
 # (about 135 KB) of a head that is still arriving.
 limit_request_field_size = 4094
 limit_request_fields = 32
+# The proxies (nginx, a load balancer) whose X-Forwarded-Proto gunicorn believes, and whose
+# X-Forwarded-For gives the access log's `client`: FORWARDED_ALLOW_IPS, none by default (gunicorn's
+# own default trusts 127.0.0.1, where another local process could then forge a client's address).
+forwarded_allow_ips = ",".join(_cfg.forwarded_allow_ips)
 accesslog = "-"  # stderr too: GunicornLogger keeps every line on one stream
 errorlog = "-"
 loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"
