@@ -44,6 +44,8 @@ def test_ctrl_c_ends_make_run_quietly(tmp_path):
     pid, fd = pty.fork()  # the child leads a session with the terminal as its controlling tty
     if pid == 0:
         os.chdir(ROOT)
+        for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):  # under `make test`: a top-level make, as typed
+            os.environ.pop(name, None)
         os.environ.update(PORT=f"127.0.0.1:{http_port}", ENV_FILE=str(env_file), WEB_CONCURRENCY="1")
         os.execvp("make", ["make", "run", f"CAPTURE_PORT={capture_port}"])
     try:
@@ -73,7 +75,7 @@ def test_ctrl_c_ends_make_run_quietly(tmp_path):
             os.waitpid(pid, 0)
         os.close(fd)
     assert "Shutting down: Master" in after
-    assert "make: ***" not in after and "Segmentation fault" not in after, after
+    assert "***" not in after and "Segmentation fault" not in after, after
     # make ends as the user asked, by SIGINT, after its recipe ended well; nothing is left listening.
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT or os.waitstatus_to_exitcode(status) == 0
     assert _refused(http_port) and _refused(capture_port)
