@@ -5,11 +5,10 @@ import os
 import pty
 import select
 import signal
-import socket
 import time
 import urllib.request
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, listening
 
 
 def _read(fd, until, seconds):
@@ -27,14 +26,6 @@ def _read(fd, until, seconds):
                 break
             out += chunk
     return out.decode(errors="replace")
-
-
-def _refused(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return True
-    return False
 
 
 def test_ctrl_c_ends_make_run_quietly(tmp_path):
@@ -78,4 +69,4 @@ def test_ctrl_c_ends_make_run_quietly(tmp_path):
     assert "***" not in after and "Segmentation fault" not in after, after
     # make ends as the user asked, by SIGINT, after its recipe ended well; nothing is left listening.
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT or os.waitstatus_to_exitcode(status) == 0
-    assert _refused(http_port) and _refused(capture_port)
+    assert not listening(http_port) and not listening(capture_port)

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -19,7 +18,7 @@ import uuid
 
 import pytest
 
-from conftest import API_KEY, ROOT, free_port, json_lines, unique_key, wait_for
+from conftest import API_KEY, ROOT, free_port, json_lines, listening, unique_key, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="needs Debian's nginx (.ci/run installs it)")
@@ -66,7 +65,7 @@ http {{
 """)
         self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")],
                                      stderr=subprocess.STDOUT, stdout=open(d / "stdout", "w"))
-        wait_for(lambda: self.proc.poll() is not None or _listening(self.port), timeout=10)
+        wait_for(lambda: self.proc.poll() is not None or listening(self.port), timeout=10)
         assert self.proc.poll() is None, (d / "stdout").read_text() + (d / "error.log").read_text()
         self.ca = ssl.create_default_context(cafile=certs.ca_file)
 
@@ -87,14 +86,6 @@ http {{
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
-
-
-def _listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
