@@ -21,13 +21,20 @@ mtas:
 
 # The service on :8084 under gunicorn, sending to a capture server on 127.0.0.1:$(CAPTURE_PORT)
 # that prints every mail it receives to this terminal. Values from .env are overridden here.
+# Both run in the background of one shell, which waits for gunicorn: Ctrl-C reaches gunicorn
+# from the terminal (a background job of sh ignores it, so the catcher is stopped by name), and
+# a TERM to make reaches gunicorn through the trap. Not `kill 0`: that signals make and this
+# shell too, whose trap then fires again for its own signal until the shell overflows its stack
+# ("Segmentation fault").
 run: install
 	@echo "mail catcher on 127.0.0.1:$(CAPTURE_PORT); mail appears below. Ctrl-C stops both."
-	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/python -m aiosmtpd -n -l 127.0.0.1:$(CAPTURE_PORT) & \
+	@$(BIN)/python -m aiosmtpd -n -l 127.0.0.1:$(CAPTURE_PORT) & catcher=$$!; \
 	SMTP_HOST=127.0.0.1 SMTP_PORT=$(CAPTURE_PORT) SMTP_USE_STARTTLS=false SMTP_USE_TLS=false \
 	SMTP_USER= SMTP_PASSWORD= SMTP_FROM=$${SMTP_FROM:-noreply@example.com} \
-	$(BIN)/gunicorn -c gunicorn.conf.py app:app
+	$(BIN)/gunicorn -c gunicorn.conf.py app:app & server=$$!; \
+	trap 'kill $$server 2>/dev/null' INT TERM; \
+	while kill -0 $$server 2>/dev/null; do wait $$server; status=$$?; done; \
+	kill $$catcher 2>/dev/null; exit $$status
 
 # Four test processes (most of the suite waits on servers and deadlines), then the tests marked
 # `serial` (they measure timing or balance, and need the machine to themselves), one at a time.

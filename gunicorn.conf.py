@@ -34,7 +34,7 @@ else:
 _METRICS_PREFIX = "herald-smtp-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _cfg.prometheus_multiproc_dir or tempfile.mkdtemp(prefix=_METRICS_PREFIX)
-from prometheus_client import multiprocess  # noqa: E402
+from prometheus_client import Counter, multiprocess  # noqa: E402
 
 
 def _remove_own_metrics_dir():
@@ -62,6 +62,10 @@ control_socket_disable = True
 # (about 135 KB) of a head that is still arriving.
 limit_request_field_size = 4094
 limit_request_fields = 32
+# The proxies (nginx, a load balancer) whose X-Forwarded-Proto gunicorn believes, and whose
+# X-Forwarded-For gives the access log's `client`: FORWARDED_ALLOW_IPS, none by default (gunicorn's
+# own default trusts 127.0.0.1, where another local process could then forge a client's address).
+forwarded_allow_ips = ",".join(_cfg.forwarded_allow_ips)
 accesslog = "-"  # stderr too: GunicornLogger keeps every line on one stream
 errorlog = "-"
 loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "info"
@@ -85,6 +89,30 @@ def on_starting(server):
     os.makedirs(directory, exist_ok=True)
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)
+    # The master's own counter, in that directory beside the workers' (so /metrics adds it in);
+    # kept on the arbiter, since a reload runs this file again.
+    server.herald_restarts = Counter("herald_smtp_worker_restarts", "gunicorn workers started to replace one "
+                                     "that died (a crash, an out-of-memory kill, a timeout); not those of a start "
+                                     "or a reload.", registry=None)
+    server.herald_planned_starts = server.num_workers
+
+
+# Every worker gunicorn starts goes through pre_fork. The master plans the starts of a start (above),
+# of a reload (cfg.workers new ones) and of TTIN (one more); any other start replaces a worker that died.
+def nworkers_changed(server, new_value, old_value):
+    if old_value is not None and new_value > old_value:
+        server.herald_planned_starts = getattr(server, "herald_planned_starts", 0) + new_value - old_value
+
+
+def on_reload(server):
+    server.herald_planned_starts = server.cfg.workers  # nworkers_changed ran just before: not counted twice
+
+
+def pre_fork(server, worker):
+    if server.herald_planned_starts > 0:
+        server.herald_planned_starts -= 1
+    else:
+        server.herald_restarts.inc()
 
 
 def child_exit(server, worker):

@@ -87,6 +87,7 @@ class Config:
     web_concurrency: int = 2
     web_threads: int = 8
     metrics_require_api_key: bool = False
+    forwarded_allow_ips: tuple = ()  # proxies whose X-Forwarded-* headers are believed (gunicorn's forwarded_allow_ips)
     otlp_enabled: bool = False
     otlp_endpoint: str = ""  # the collector's full traces URL (.../v1/traces)
     prometheus_multiproc_dir: str = ""
@@ -256,6 +257,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _addresses(env, name) -> tuple:
+    """A comma-separated list of IP addresses and networks (CIDR), or `*`, as gunicorn takes it."""
+    items = tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+    for item in items:
+        try:
+            if item != "*":
+                ipaddress.ip_network(item)  # strict, as gunicorn: 10.0.0.1/8 is a mistake, not 10.0.0.0/8
+        except ValueError:
+            raise ConfigError(f"{name}: expected IP addresses or networks like 127.0.0.1,10.0.0.0/8, got {item!r}") from None
+    return items
+
+
 def _otlp_endpoint(raw: str) -> str:
     """OTLP_ENDPOINT as Herald takes it (http://collector:4318, or host:port) -> the traces URL."""
     raw = raw.strip()
@@ -284,6 +297,9 @@ def warnings(cfg: Config):
                         "to start without one)")
     elif not cfg.api_keys:
         yield "warning", "API_KEY is empty: anyone who can reach the service can send mail through it"
+    if "*" in cfg.forwarded_allow_ips:
+        yield "warning", ("FORWARDED_ALLOW_IPS is *: every peer is taken for a proxy, so any client can write the "
+                          "address the access log shows for it")
     for relay in cfg.relays:
         server = "the SMTP server's" if relay.name == "primary" else f"{relay.name}'s"
         if relay.skip_tls_verify:
@@ -367,6 +383,7 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         web_concurrency=_number(env, "WEB_CONCURRENCY", 2),
         web_threads=_number(env, "WEB_THREADS", 8),
         metrics_require_api_key=_bool(env, "METRICS_REQUIRE_API_KEY", False),
+        forwarded_allow_ips=_addresses(env, "FORWARDED_ALLOW_IPS"),
         otlp_enabled=_bool(env, "OTLP_ENABLED", False),
         otlp_endpoint=_otlp_endpoint(env.get("OTLP_ENDPOINT", "")),
         prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR", "").strip(),

@@ -6,6 +6,7 @@ durations. Never a body, subject, header, key or password.
 """
 
 import contextvars
+import ipaddress
 import json
 import logging
 import sys
@@ -80,7 +81,7 @@ class GunicornLogger(Logger):
         super()._set_handler(log, output, JsonFormatter(), stream=None)
 
     def access(self, resp, req, environ, request_time):
-        """Method, path (no query string), status, size, duration, client address, request id."""
+        """Method, path (no query string), status, size, duration, peer and client address, request id."""
         if not self.access_log_enabled:
             return
         status = getattr(resp, "status_code", None) or str(resp.status).split()[0]
@@ -92,12 +93,43 @@ class GunicornLogger(Logger):
             "bytes": getattr(resp, "sent", None),
             "duration_ms": round(request_time.total_seconds() * 1000, 1),
             "remote": environ.get("REMOTE_ADDR"),
+            "client": client_address(environ, self.cfg),
         }
         fields.update(environ.get("herald_smtp.trace", {}))  # trace_id, span_id (herald_smtp.tracing)
         try:
             self.access_log.info("access", extra={"fields": fields})
         except Exception:
             self.exception("failed to write the access log")
+
+
+def client_address(environ, cfg) -> str:
+    """The client's address: the peer's (REMOTE_ADDR), unless the peer is a proxy gunicorn trusts
+    (`forwarded_allow_ips`, our FORWARDED_ALLOW_IPS). Then X-Forwarded-For is read from the right,
+    since each proxy appends the address it saw, up to the first address that is not a trusted proxy:
+    what a client wrote to the left of that is its own claim. Only a parsed IP address is returned."""
+    peer = environ.get("REMOTE_ADDR")
+    client = peer
+    if not _trusted(peer, cfg):
+        return client
+    for item in reversed(environ.get("HTTP_X_FORWARDED_FOR", "").split(",")):
+        try:
+            client = str(ipaddress.ip_address(item.strip()))
+        except ValueError:
+            break  # not an address: nothing further left can be believed
+        if not _trusted(client, cfg):
+            break
+    return client
+
+
+def _trusted(address, cfg) -> bool:
+    """gunicorn's own test for a peer that may set X-Forwarded-* (http/message.py, _ip_in_allow_list)."""
+    if "*" in cfg.forwarded_allow_ips:
+        return True
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in cfg.forwarded_allow_networks())
 
 
 def mask(address: str) -> str:

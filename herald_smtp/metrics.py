@@ -54,7 +54,7 @@ class Metrics:
                                     "is skipped while another relay is available); 0 after a success. In cool-down "
                                     "while greater than time().", ["relay"], registry=r, multiprocess_mode="livemax")
         self._children = {}  # (metric, label values) -> its child; see _child
-        self._store_age = None  # () -> age of the oldest remembered success; see watch_store
+        self._store_age, self._ttl = None, None  # () -> age of the oldest remembered success; see watch_store
         # livesum: the sum over the workers alive now (a dead worker's sends are not in flight).
         self.in_flight = Gauge("herald_smtp_sends_in_flight", "POST /v1/send requests being handled now.",
                                registry=r, multiprocess_mode="livesum")
@@ -129,22 +129,28 @@ class Metrics:
             if g.pop("metrics_in_flight", False):
                 self.in_flight.dec()
 
-    def watch_store(self, oldest_success_age) -> None:
+    def watch_store(self, oldest_success_age, ttl_seconds) -> None:
         """Report `oldest_success_age()` at every scrape: read from the shared store then, it is
-        right whichever worker answers."""
-        self._store_age = oldest_success_age
+        right whichever worker answers. `ttl_seconds`: how far back replays are meant to reach."""
+        self._store_age, self._ttl = oldest_success_age, ttl_seconds
 
     def collect(self):
-        """The store's gauge, computed now (a prometheus_client custom collector)."""
+        """The store's gauges, read now (a prometheus_client custom collector)."""
         if self._store_age is None:
             return
         try:
             age = self._store_age()
         except Exception:
-            return  # the store is unreachable: no figure rather than a failed scrape
-        yield GaugeMetricFamily("herald_smtp_idempotency_oldest_success_age_seconds",
-                                "Age of the oldest success still remembered for replay (0: none). About "
-                                "IDEMPOTENCY_TTL_SECONDS, unless evictions shorten the replay window.", value=age)
+            age = None  # the store is unreachable: store_up says so, rather than a failed scrape
+        yield GaugeMetricFamily("herald_smtp_idempotency_store_up", "1 when the idempotency store answered at "
+                                "this scrape, 0 when it could not be read (then sends answer 503 provider_down, or "
+                                "go out unprotected with IDEMPOTENCY_FAIL_OPEN).", value=0 if age is None else 1)
+        yield GaugeMetricFamily("herald_smtp_idempotency_ttl_seconds", "IDEMPOTENCY_TTL_SECONDS: how long a success "
+                                "is meant to be replayed.", value=self._ttl)
+        if age is not None:
+            yield GaugeMetricFamily("herald_smtp_idempotency_oldest_success_age_seconds",
+                                    "Age of the oldest success still remembered for replay (0: none). About "
+                                    "IDEMPOTENCY_TTL_SECONDS, unless evictions shorten the replay window.", value=age)
 
     def render(self):
         """(body, content type) of the Prometheus text exposition."""

@@ -71,6 +71,15 @@ def free_port() -> int:
             return port
 
 
+def listening(port) -> bool:
+    """Something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 class Handler:
     """Records what the server accepted; knobs make it refuse or stall at a chosen step."""
 

@@ -32,6 +32,7 @@ def test_defaults_are_the_contracts():
         "http_body_limit_bytes": 65536, "http_header_timeout_seconds": 10, "http_body_timeout_seconds": 10,
         "web_concurrency": 2, "web_threads": 8,
         "metrics_require_api_key": False,
+        "forwarded_allow_ips": (),  # no proxy trusted: the access log's client is the peer
         "otlp_enabled": False, "otlp_endpoint": "",
         "prometheus_multiproc_dir": "",  # empty: a private temp directory (gunicorn.conf.py)
     }
@@ -82,6 +83,8 @@ def test_port_forms(port, bind):
       "SMTP_USE_TLS": "false", "SMTP_USE_STARTTLS": "false"}, "SMTP_USER"),
     ({"SMTP_RELAY_COOLDOWN_SECONDS": "half a minute"}, "SMTP_RELAY_COOLDOWN_SECONDS"),
     ({"SMTP_CHUNKING": "perhaps"}, "SMTP_CHUNKING"),
+    ({"FORWARDED_ALLOW_IPS": "nginx"}, "FORWARDED_ALLOW_IPS"),
+    ({"FORWARDED_ALLOW_IPS": "127.0.0.1,10.0.0.1/8"}, "FORWARDED_ALLOW_IPS"),  # host bits set: a mistake
     # A fallback is checked as the primary is, and named by its own variables.
     ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_PORT": "x"}, "SMTP_FALLBACK_1_PORT"),
     ({"SMTP_FALLBACK_1_HOST": "b.example", "SMTP_FALLBACK_1_USE_TLS": "true"}, "SMTP_FALLBACK_1_USE_TLS"),
@@ -125,6 +128,11 @@ def test_fallback_relays_take_the_primarys_settings_under_their_own_prefix(tmp_p
         ("fallback-2", "127.0.0.1", 2525, False, False, "", "", "relay.local"),
     ]
     assert "second-password" not in repr(cfg)
+
+
+def test_forwarded_allow_ips_takes_gunicorns_forms():
+    cfg = load_config({"FORWARDED_ALLOW_IPS": " 127.0.0.1, 10.0.0.0/8,::1 ,"})
+    assert cfg.forwarded_allow_ips == ("127.0.0.1", "10.0.0.0/8", "::1")
 
 
 def test_bad_value_stops_the_app_factory():

@@ -217,3 +217,24 @@ def test_a_start_stopped_by_bad_configuration_leaves_no_metrics_directory(tmp_pa
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "SMTP_PORT" in proc.stderr
     assert list(tmp_path.glob("herald-smtp-metrics-*")) == []
+
+
+def test_worker_restarts_count_replaced_workers_not_starts_or_reloads(gunicorn, smtp_server):
+    g = gunicorn(smtp_server.env(), workers=2, threads=1)
+    first = g.workers(2)
+    assert value(scrape(g), "herald_smtp_worker_restarts_total") == 0
+    g.proc.send_signal(signal.SIGHUP)  # a reload replaces both workers, as planned
+    wait_for(lambda: len(set(g.worker_pids()) - set(first)) == 2 and len(g.worker_pids()) == 2, timeout=30)
+    assert value(scrape(g), "herald_smtp_worker_restarts_total") == 0
+    os.kill(g.worker_pids()[0], signal.SIGKILL)  # a worker dies; gunicorn starts another in its place
+    wait_for(lambda: value(scrape(g), "herald_smtp_worker_restarts_total") == 1, timeout=30)
+
+
+def test_the_store_gauges_say_whether_it_answers_and_how_far_replays_should_reach(make_app):
+    up = make_app({"IDEMPOTENCY_TTL_SECONDS": "120"}).test_client()
+    down = make_app({"IDEMPOTENCY_STORE": f"redis://127.0.0.1:{free_port()}/0"}).test_client()
+    m = parse(up.get("/metrics").get_data(as_text=True))
+    assert (value(m, "herald_smtp_idempotency_store_up"), value(m, "herald_smtp_idempotency_ttl_seconds")) == (1, 120)
+    m = parse(down.get("/metrics").get_data(as_text=True))
+    assert (value(m, "herald_smtp_idempotency_store_up"), value(m, "herald_smtp_idempotency_ttl_seconds")) == (0, 300)
+    assert not [name for name, _ in m if name == "herald_smtp_idempotency_oldest_success_age_seconds"]
