@@ -189,8 +189,8 @@ def run_row(case, fault_server, certs):
         order = [r.name for r in with_fallback.relays.order()]
         kept = threads[0].submit(cached, with_fallback).result()  # before close_all() closes it
         if isinstance(primary, FaultServer):  # the server sees a dropped session go; a fresh one stays
-            commands = list(primary.commands)
             wait_for(lambda: primary.connections == (decision.session == KEEP or fresh), timeout=3)
+            commands = list(primary.commands)  # once a dropped session's QUIT has arrived
     finally:
         for t, thread in zip((with_fallback, only), threads):
             thread.shutdown()
