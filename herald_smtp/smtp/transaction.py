@@ -91,6 +91,8 @@ def _refused(session, stage, code, reused, written, pending) -> Exception:
     if decisions.decide(stage, code, written).session == KEEP:
         _settle(session, pending)
     else:  # a 452 leaves the connection open: say QUIT, without waiting for its 221
+        if code != 421:  # a 421 closes the connection: nothing more will come
+            _read_all(session, pending)
         session.close(polite=True, wait=False, until=session.smtp.deadline.at)
     return decisions.failure(stage, code, session.relay, reused=reused, written=written)
 
@@ -99,16 +101,27 @@ def _settle(session, pending) -> None:
     """Keep a session after a refusal: read the replies still due to pipelined commands, then
     RSET (within the session's deadline) so the next mail starts clean. A server that opened
     DATA or took the message after refusing the envelope is out of step: close it instead."""
+    if _read_all(session, pending) and session.smtp.sock is not None:
+        try:
+            if session.smtp.rset()[0] == 250:
+                return
+        except (OSError, smtplib.SMTPException):
+            pass
+    session.close()
+
+
+def _read_all(session, pending) -> bool:
+    """Read the replies still due to pipelined commands (RFC 2920: a client reads them all),
+    within the session's deadline. Also before a QUIT: a socket closed with replies unread goes
+    out as a reset, which can take the QUIT with it. False when the session is out of step (the
+    server opened DATA or took the message after refusing the envelope) or lost."""
     try:
         for stage in pending:
             if decisions.outcome(stage, session.smtp.getreply()[0]) == OK and stage in ("DATA", "message"):
-                break
-        else:
-            if session.smtp.rset()[0] == 250:
-                return
+                return False
     except (OSError, smtplib.SMTPException):
-        pass
-    session.close()
+        return False
+    return True
 
 
 def _bdat(data: bytes) -> bytes:
