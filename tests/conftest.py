@@ -296,9 +296,11 @@ def redis_url():
 class Gunicorn:
     """gunicorn as a real process with the project's gunicorn.conf.py."""
 
-    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT):
+    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT, app="app:app",
+                 args=(), healthz="/healthz"):
         """workers or threads None: the service's own default. stdout: where it goes (with stderr by
-        default). cwd: the working directory, where `.env` is read."""
+        default). cwd: the working directory, where `.env` is read. app, args: what gunicorn runs,
+        and command-line settings on top of gunicorn.conf.py's; healthz: the path polled until up."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items()
@@ -309,14 +311,14 @@ class Gunicorn:
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
-                                      "app:app"], cwd=cwd, env=full, stderr=self.log,
+                                      *args, app], cwd=cwd, env=full, stderr=self.log,
                                      stdout=self.log if stdout == subprocess.STDOUT else stdout)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
             try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=1).read()
+                urllib.request.urlopen(self.url + healthz, timeout=1).read()
                 return
             except OSError:
                 time.sleep(0.1)

@@ -47,6 +47,10 @@ MAX_WAITING = 100
 MAX_SENDING = 100
 # An answer the client does not take in this long ends its connection.
 SEND_TIMEOUT = 10.0
+# The kernel's send buffer for each connection (it doubles this), fixed so that a client that
+# pipelines requests and reads no answer stops being served once this much waits for it, rather
+# than once the kernel has grown the buffer to megabytes. An answer of ours is a few hundred bytes.
+SEND_BUFFER = 65536
 # Connections answered and half-closed, waiting up to CLOSE_LINGER for the client to close too
 # (so the answer is not cut off by a reset); one more closes the oldest at once.
 MAX_CLOSING = 100
@@ -419,6 +423,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 self.accept_again = now + 0.1
                 return
             sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             self.nr_conns += 1
             conn = _Conn(sock, client, self.servers[listener])
             self.unserved[conn] = now
