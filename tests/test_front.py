@@ -13,7 +13,7 @@ from gunicorn.config import Config
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import API_KEY, json_lines, unique_key, wait_for
-from herald_smtp.http.worker import RequestReader
+from herald_smtp.http.worker import RequestReader, Settings
 
 LIMIT = 4096
 READY, CONTINUE, CLOSE, REFUSE = RequestReader.READY, RequestReader.CONTINUE, RequestReader.CLOSE, RequestReader.REFUSE
@@ -24,7 +24,7 @@ def reader(body_limit=LIMIT):
     for name, value in (("limit_request_field_size", 4094), ("limit_request_fields", 32)):
         cfg.set(name, value)  # as gunicorn.conf.py sets them
     head_limit = cfg.limit_request_line + 4 + cfg.limit_request_fields * (cfg.limit_request_field_size + 2)
-    return RequestReader(cfg, ("127.0.0.1", 40000), body_limit, head_limit)
+    return RequestReader(Settings(cfg), ("127.0.0.1", 40000), body_limit, head_limit)
 
 
 def run(pieces):

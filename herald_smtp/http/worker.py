@@ -59,6 +59,9 @@ CLOSE_LINGER = 2.0
 # to take it, then takes it itself (the other may be busy): a fixed wait, paid only by the busier
 # worker, so a flood of connections never slows accepting.
 ACCEPT_YIELD = 0.005
+# Meanwhile it looks again this often: once another worker has taken connections and holds as
+# many as this one, this one accepts again at once (else both could be waiting for each other).
+PAUSED_POLL = 0.001
 # A connection that has sent no whole request this long after its accept is no load to balance.
 UNSERVED_GRACE = 1.0
 RECV_SIZE = 65536
@@ -71,23 +74,50 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 log = logging.getLogger("herald_smtp.http")
 
 
+class Settings:
+    """gunicorn's settings for reading requests, each read once: a read of gunicorn's Config costs
+    a microsecond, and so does parsing the peer's address to see whether it is a trusted proxy."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self._networks = cfg.forwarded_allow_networks()
+        self._trusted = {}
+        line_limit = cfg.limit_request_line
+        self.line_limit = line_limit if 0 < line_limit < 8190 else 8190  # as gunicorn's Request
+
+    def __getattr__(self, name):  # the first read of a setting; then it is an attribute
+        value = getattr(self._cfg, name)
+        setattr(self, name, value)
+        return value
+
+    def forwarded_allow_networks(self):
+        return self._networks
+
+    def trusted(self, ip, check):
+        if ip not in self._trusted:
+            if len(self._trusted) > 1024:
+                self._trusted.clear()
+            self._trusted[ip] = check()
+        return self._trusted[ip]
+
+
 class _Request(Request):
     """A request h11 framed, with gunicorn's checks and header policy applied to its line and
     fields: what gunicorn's wsgi.create, Response and access log read. Nothing is re-parsed."""
 
     def __init__(self, cfg, peer_addr, event, req_number):  # not Request.__init__: it reads a socket
+        """cfg: a Settings."""
         self.cfg, self.peer_addr, self.remote_addr, self.req_number = cfg, peer_addr, peer_addr, req_number
         self.scheme, self.must_close, self._expected_100_continue = "http", False, False
         self.headers, self.trailers, self.body, self.proxy_protocol_info = [], [], None, None
-        line_limit = cfg.limit_request_line if 0 < cfg.limit_request_line < 8190 else 8190
         line = b"%s %s HTTP/%s" % (event.method, event.target, event.http_version)
-        if len(line) > line_limit:
-            raise gerrors.LimitRequestLine(len(line), line_limit)
+        if len(line) > cfg.line_limit:
+            raise gerrors.LimitRequestLine(len(line), cfg.line_limit)
         self.parse_request_line(line)  # gunicorn's: method, target form, version
         fields, field_size = cfg.limit_request_fields, cfg.limit_request_field_size
         scheme_state, seen = [False], set()
         secure_scheme_headers, forwarder_headers = self._peer_trusted_for_forwarded()
-        chunked = length = False
+        chunked, self.content_length = False, None
         for name, value in event.headers.raw_items():
             if len(self.headers) >= fields:
                 raise gerrors.LimitRequestHeaders("limit request headers fields")
@@ -96,13 +126,19 @@ class _Request(Request):
             name = name.decode("latin-1").upper()
             kept = self._apply_header_policy(name, value.decode("latin-1"), scheme_state, seen,
                                              secure_scheme_headers, forwarder_headers)
+            if name == "CONTENT-LENGTH":
+                self.content_length = int(value)  # h11 checked it: at most 20 digits
             chunked |= name == "TRANSFER-ENCODING"
-            length |= name == "CONTENT-LENGTH"
             if kept is not None:
                 self.headers.append(kept)
         # RFC 9112 6.1 and 6.3: both framings at once, or chunked in HTTP/1.0, is no length at all.
-        if chunked and (length or self.version < (1, 1)):
-            raise gerrors.InvalidHeader("CONTENT-LENGTH" if length else "TRANSFER-ENCODING")
+        if chunked and (self.content_length is not None or self.version < (1, 1)):
+            raise gerrors.InvalidHeader("TRANSFER-ENCODING")
+
+    def _peer_is_trusted_proxy(self):
+        if not isinstance(self.peer_addr, tuple):
+            return super()._peer_is_trusted_proxy()
+        return self.cfg.trusted(self.peer_addr[0], super()._peer_is_trusted_proxy)
 
 
 class RequestReader:
@@ -113,6 +149,7 @@ class RequestReader:
     CONTINUE, READY, CLOSE, REFUSE = "continue", "ready", "close", "refuse"
 
     def __init__(self, cfg, peer_addr, body_limit, head_limit, req_number=1):
+        """cfg: a Settings (of gunicorn's Config)."""
         self.cfg, self.peer_addr, self.body_limit, self.req_number = cfg, peer_addr, body_limit, req_number
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=head_limit)
         self.request = None  # the _Request, once its head has arrived
@@ -149,8 +186,7 @@ class RequestReader:
                 return self._ready(True)
             elif kind is h11.Request:
                 self.request = _Request(self.cfg, self.peer_addr, event, self.req_number)
-                length = self.request_length(event)
-                if length is not None and length > self.body_limit:
+                if (self.request.content_length or 0) > self.body_limit:
                     return self._ready(False)
             elif event is h11.NEED_DATA:
                 if self.request is not None and self.request._expected_100_continue and not self.size \
@@ -162,13 +198,6 @@ class RequestReader:
                 return self.CLOSE
             else:  # PAUSED cannot come before EndOfMessage; nothing else is sent by a client
                 return self.CLOSE
-
-    @staticmethod
-    def request_length(event):
-        for name, value in event.headers:
-            if name == b"content-length":
-                return int(value)  # at most 20 digits: h11 refuses longer
-        return None
 
     def _ready(self, whole):
         self.whole = whole
@@ -278,6 +307,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self.stale = set()  # of those, the ones accepted more than UNSERVED_GRACE ago
         self.accept_again = 0.0  # while accepting is paused (ACCEPT_YIELD): until when
         self.servers = {}
+        self.settings = Settings(self.cfg)
 
     @classmethod
     def check_config(cls, cfg, log):
@@ -330,8 +360,8 @@ class ThreadWorker(gthread.ThreadWorker):
         now = time.monotonic()
         if self.deadlines:
             timeout = min(timeout, self.deadlines[0][0] - now)
-        if self.alive and not self._accepting:
-            timeout = min(timeout, self.accept_again - now)
+        if self.alive and not self._accepting:  # paused: look again each millisecond (see accept)
+            timeout = min(timeout, self.accept_again - now, PAUSED_POLL)
         try:
             events = self.poller.select(max(0.0, timeout))
         except InterruptedError:
@@ -347,10 +377,12 @@ class ThreadWorker(gthread.ThreadWorker):
         now = time.monotonic()
         self.expire(now)
         if self.alive:
-            if not self._accepting and now >= self.accept_again:
-                self.set_accept_enabled(True)
-                for listener in self.sockets:  # what waited for another worker and is still there
-                    self.accept(listener, waited=True)
+            if not self._accepting:
+                waited = now >= self.accept_again  # what is still there is this worker's
+                if waited or self.board.least_loaded(self.slot, self.load(now), now):
+                    self.set_accept_enabled(True)
+                    for listener in self.sockets:
+                        self.accept(listener, waited=waited)
             if self.balancing:
                 self.board.publish(self.slot, self.load(now), now)
 
@@ -440,7 +472,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if not self.alive:  # a stopping worker answers what is on its way, briefly
             deadline = min(deadline, time.monotonic() + gthread.STOP_KEEPALIVE_LINGER)
         conn.requests += 1
-        conn.reader = RequestReader(self.cfg, conn.client, self.body_limit, self.head_limit, conn.requests)
+        conn.reader = RequestReader(self.settings, conn.client, self.body_limit, self.head_limit, conn.requests)
         conn.idle, conn.head = idle, False
         self.enter(conn, WAITING, deadline)
         self.watch(conn, selectors.EVENT_READ, self.on_readable)
