@@ -46,8 +46,9 @@ def _remove_own_metrics_dir():
 
 bind = [_cfg.bind]
 # gthread: each worker thread keeps its own SMTP connection open between requests. Ours reads
-# each request in the worker's main loop and gives it to a thread only when it has all arrived,
-# within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS (herald_smtp/http/worker.py).
+# each request in the worker's main loop (h11 frames it) and gives it to a thread only when it has
+# all arrived, within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS; the main loop
+# writes the answer (herald_smtp/http/worker.py).
 worker_class = "herald_smtp.http.worker.ThreadWorker"
 workers = _cfg.web_concurrency
 threads = _cfg.web_threads

@@ -216,12 +216,6 @@ def test_hostile_framing_is_refused_and_closed_without_restarting_a_worker(servi
     assert sorted(service.worker_pids()) == sorted(pids)  # none restarted
 
 
-def test_bare_lf_lines_are_answered_at_once(service):
-    started = time.monotonic()
-    out, _ = raw(service.port, b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n")
-    assert out.startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 1.0
-
-
 def test_a_client_that_pipelines_and_never_reads_holds_no_thread_and_is_closed_at_the_deadline(
         smtp_server, gunicorn):
     g = gunicorn(smtp_server.env(API_KEY=API_KEY), workers=1, threads=2)
