@@ -492,20 +492,21 @@ class ThreadWorker(gthread.ThreadWorker):
         self.received(conn, data)
 
     def received(self, conn, data):
-        if conn.idle:
-            if not data:
-                self.close(conn)
-                return
-            conn.idle = False
-            self.set_deadline(conn, time.monotonic() + self.header_timeout)
+        if conn.idle and not data:
+            self.close(conn)
+            return
         reader = conn.reader
         outcome = reader.feed(data)
+        if outcome is reader.READY:  # the usual case: the whole request in one read
+            self.dispatch(conn)
+            return
+        if conn.idle:  # the first bytes on a kept-alive connection: the header clock starts
+            conn.idle = False
+            self.set_deadline(conn, time.monotonic() + self.header_timeout)
         if outcome is None:
             if reader.request is not None and not conn.head:  # the head is here: the body's clock starts
                 conn.head = True
                 self.set_deadline(conn, time.monotonic() + self.body_timeout)
-        elif outcome is reader.READY:
-            self.dispatch(conn)
         elif outcome is reader.CONTINUE:
             conn.head = True
             self.set_deadline(conn, time.monotonic() + self.body_timeout)
