@@ -65,6 +65,16 @@ PAUSED_POLL = 0.001
 # A connection that has sent no whole request this long after its accept is no load to balance.
 UNSERVED_GRACE = 1.0
 RECV_SIZE = 65536
+# A request still arriving SLOW_AFTER after its first byte is read on an allowance: all such reads
+# together get at most SLOW_SHARE of the main loop's time, SLOW_RECV bytes a read. Reading a body
+# sent in 1-byte chunks costs h11 about a microsecond a byte: unrationed, a few dozen clients
+# dripping chunks would take a whole core and every request would queue behind them. A slow
+# connection left unread waits in the kernel (its client's writes stall) for its turn, or its
+# deadline. A request that arrives at the speed of a network never waits for an allowance.
+SLOW_AFTER = 0.05
+SLOW_SHARE = 0.1
+SLOW_BURST = 0.01  # seconds of allowance that can build up
+SLOW_RECV = 4096
 
 # Client errors gunicorn's own checks raise, and their status (else 400), as gunicorn answers them.
 _STATUS = {gerrors.LimitRequestLine: 414, gerrors.LimitRequestHeaders: 431, gerrors.ExpectationFailed: 417,
@@ -267,12 +277,12 @@ class _Peer:
 
 class _Conn:
     __slots__ = ("sock", "client", "server", "reader", "state", "deadline", "idle", "head", "out", "keep",
-                 "watched", "requests")
+                 "watched", "requests", "since")
 
     def __init__(self, sock, client, server):
         self.sock, self.client, self.server = sock, client, server
         self.reader = self.out = None
-        self.state = self.deadline = None
+        self.state = self.deadline = self.since = None
         self.idle = self.head = self.keep = self.watched = False
         self.requests = 0
 
@@ -308,6 +318,8 @@ class ThreadWorker(gthread.ThreadWorker):
         self.accept_again = 0.0  # while accepting is paused (ACCEPT_YIELD): until when
         self.servers = {}
         self.settings = Settings(self.cfg)
+        self.allowance, self.refilled = SLOW_BURST, time.monotonic()  # for slow requests (SLOW_SHARE)
+        self.starved = {}  # slow connections not read until the allowance grows again
 
     @classmethod
     def check_config(cls, cfg, log):
@@ -358,6 +370,15 @@ class ThreadWorker(gthread.ThreadWorker):
 
     def loop_once(self, timeout):
         now = time.monotonic()
+        self.allowance = min(SLOW_BURST, self.allowance + (now - self.refilled) * SLOW_SHARE)
+        self.refilled = now
+        if self.starved:
+            if self.allowance > 0:  # their turn again
+                for conn in list(self.starved):
+                    del self.starved[conn]
+                    self.watch(conn, selectors.EVENT_READ, self.on_readable)
+            else:
+                timeout = min(timeout, -self.allowance / SLOW_SHARE)
         if self.deadlines:
             timeout = min(timeout, self.deadlines[0][0] - now)
         if self.alive and not self._accepting:  # paused: look again each millisecond (see accept)
@@ -473,7 +494,7 @@ class ThreadWorker(gthread.ThreadWorker):
             deadline = min(deadline, time.monotonic() + gthread.STOP_KEEPALIVE_LINGER)
         conn.requests += 1
         conn.reader = RequestReader(self.settings, conn.client, self.body_limit, self.head_limit, conn.requests)
-        conn.idle, conn.head = idle, False
+        conn.idle, conn.head, conn.since = idle, False, None
         self.enter(conn, WAITING, deadline)
         self.watch(conn, selectors.EVENT_READ, self.on_readable)
         data, closed = leftover
@@ -483,15 +504,27 @@ class ThreadWorker(gthread.ThreadWorker):
             self.received(conn, b"")
 
     def on_readable(self, conn, sock):
+        slow = conn.since is not None and time.monotonic() - conn.since > SLOW_AFTER
+        if slow and self.allowance <= 0:
+            self.unwatch(conn)
+            self.starved[conn] = None
+            return
         try:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(SLOW_RECV if slow else RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        self.received(conn, data)
+        if slow:
+            started = time.perf_counter()
+            self.received(conn, data)
+            self.allowance -= time.perf_counter() - started
+        else:
+            self.received(conn, data)
 
     def received(self, conn, data):
+        if conn.since is None:
+            conn.since = time.monotonic()
         if conn.idle and not data:
             self.close(conn)
             return
@@ -624,6 +657,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def close(self, conn):
         if conn.sock is None:
             return
+        self.starved.pop(conn, None)
         self.leave(conn)
         self.unwatch(conn)
         if self.unserved.pop(conn, None) is None:
