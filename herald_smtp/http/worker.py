@@ -315,7 +315,8 @@ class ThreadWorker(gthread.ThreadWorker):
         self.sequence = 0
         self.unserved = {}  # connections no whole request has come on yet: conn -> accepted at
         self.stale = set()  # of those, the ones accepted more than UNSERVED_GRACE ago
-        self.accept_again = 0.0  # while accepting is paused (ACCEPT_YIELD): until when
+        self.accept_again = 0.0  # while accepting is paused: until when
+        self.yielding = False  # paused for a less loaded worker (not after a failed accept)
         self.servers = {}
         self.settings = Settings(self.cfg)
         self.allowance, self.refilled = SLOW_BURST, time.monotonic()  # for slow requests (SLOW_SHARE)
@@ -400,7 +401,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if self.alive:
             if not self._accepting:
                 waited = now >= self.accept_again  # what is still there is this worker's
-                if waited or self.board.least_loaded(self.slot, self.load(now), now):
+                if waited or (self.yielding and self.board.least_loaded(self.slot, self.load(now), now)):
                     self.set_accept_enabled(True)
                     for listener in self.sockets:
                         self.accept(listener, waited=waited)
@@ -463,7 +464,7 @@ class ThreadWorker(gthread.ThreadWorker):
             now = time.monotonic()
             if self.balancing and not waited and not self.board.least_loaded(self.slot, self.load(now), now):
                 self.set_accept_enabled(False)  # the least loaded worker takes it meanwhile
-                self.accept_again = now + ACCEPT_YIELD
+                self.accept_again, self.yielding = now + ACCEPT_YIELD, True
                 return
             waited = False
             try:
@@ -473,7 +474,7 @@ class ThreadWorker(gthread.ThreadWorker):
             except OSError as e:  # out of file descriptors, say: wait a moment rather than spin
                 self.log.error("accept failed: %s", e)
                 self.set_accept_enabled(False)
-                self.accept_again = now + 0.1
+                self.accept_again, self.yielding = now + 0.1, False
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
