@@ -72,6 +72,12 @@ loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "inf
 logger_class = logs.GunicornLogger
 
 
+def post_worker_init(worker):
+    """One line once a worker has loaded the app and starts to accept (tests and the benchmark wait
+    for every worker's: one still loading takes no connection)."""
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
+
+
 def worker_exit(server, worker):
     """QUIT this worker's SMTP connections and close its store handles."""
     app = getattr(worker, "wsgi", None)

@@ -351,8 +351,13 @@ class Gunicorn:
         return [int(p) for p in out.split()]
 
     def workers(self, n):
-        """The n worker pids, once all are forked (healthy means one worker is up, maybe not all)."""
-        wait_for(lambda: len(self.worker_pids()) == n, timeout=20)
+        """The n worker pids, once all have loaded the app and accept (healthy means one worker is
+        up, maybe not all)."""
+        def accepting():
+            pids = self.worker_pids()
+            log = self.log_path.read_text()
+            return len(pids) == n and all(f"Worker ready (pid: {pid})" in log for pid in pids)
+        wait_for(accepting, timeout=20)
         return self.worker_pids()
 
     @contextlib.contextmanager

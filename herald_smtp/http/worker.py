@@ -58,7 +58,7 @@ CLOSE_LINGER = 2.0
 # A worker that holds more connections than another lets a new one wait this long for the other
 # to take it, then takes it itself (the other may be busy): a fixed wait, paid only by the busier
 # worker, so a flood of connections never slows accepting.
-ACCEPT_YIELD = 0.005
+ACCEPT_YIELD = 0.02
 # Meanwhile it looks again this often: once another worker has taken connections and holds as
 # many as this one, this one accepts again at once (else both could be waiting for each other).
 PAUSED_POLL = 0.001
@@ -315,6 +315,7 @@ class ThreadWorker(gthread.ThreadWorker):
         self.sequence = 0
         self.unserved = {}  # connections no whole request has come on yet: conn -> accepted at
         self.stale = set()  # of those, the ones accepted more than UNSERVED_GRACE ago
+        self.gone = set()  # connections whose client closed while a thread had its request
         self.accept_again = 0.0  # while accepting is paused: until when
         self.yielding = False  # paused for a less loaded worker (not after a failed accept)
         self.servers = {}
@@ -358,6 +359,8 @@ class ThreadWorker(gthread.ThreadWorker):
             listener.setblocking(False)
             self.servers[listener] = listener.getsockname()
         self.set_accept_enabled(True)
+        if self.balancing:  # the app is loaded: this worker counts from now on
+            self.board.publish(self.slot, 0, time.monotonic())
         try:
             while self.alive:
                 self.notify()
@@ -448,8 +451,9 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- accepting ------------------------------------------------------------------------
 
     def load(self, now):
-        """The connections that count for balance: not those closing, nor those that have not sent
-        a whole request within UNSERVED_GRACE (a slow or idle client is no load to balance)."""
+        """The connections that count for balance: not those closing or whose client has gone, nor
+        those that have not sent a whole request within UNSERVED_GRACE (a slow or idle client is
+        no load to balance)."""
         unserved = self.unserved
         while unserved:
             conn, accepted = next(iter(unserved.items()))
@@ -457,7 +461,7 @@ class ThreadWorker(gthread.ThreadWorker):
                 break
             del unserved[conn]
             self.stale.add(conn)
-        return self.nr_conns - len(self.groups[CLOSING]) - len(self.stale)
+        return self.nr_conns - len(self.groups[CLOSING]) - len(self.stale) - len(self.gone)
 
     def accept(self, listener, waited=False):
         for _ in range(64):  # then let the rest of the loop run
@@ -567,13 +571,26 @@ class ThreadWorker(gthread.ThreadWorker):
     def dispatch(self, conn):
         """Give a thread the whole request; this connection is not read until it is answered."""
         self.leave(conn)
-        self.unwatch(conn)
+        # Watched meanwhile only to see the client leave: a pool that closes all at once (a
+        # restarting client) then stops counting here at once, not when each answer is written.
+        self.watch(conn, selectors.EVENT_READ, self.on_busy_readable)
         conn.state = BUSY
         if self.unserved.pop(conn, None) is None:
             self.stale.discard(conn)
         self.busy += 1
         future = self.tpool.submit(self.serve, conn.reader.request, conn)
         future.add_done_callback(lambda f: self.method_queue.defer(self.served, conn, f))
+
+    def on_busy_readable(self, conn, sock):
+        try:
+            gone = not sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        self.unwatch(conn)  # the next request, or the end: either is read once this one is answered
+        if gone:
+            self.gone.add(conn)
 
     # -- a thread -------------------------------------------------------------------------
 
@@ -659,6 +676,7 @@ class ThreadWorker(gthread.ThreadWorker):
         if conn.sock is None:
             return
         self.starved.pop(conn, None)
+        self.gone.discard(conn)
         self.leave(conn)
         self.unwatch(conn)
         if self.unserved.pop(conn, None) is None:
