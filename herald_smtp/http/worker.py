@@ -385,7 +385,8 @@ class ThreadWorker(gthread.ThreadWorker):
                 timeout = min(timeout, -self.allowance / SLOW_SHARE)
         if self.deadlines:
             timeout = min(timeout, self.deadlines[0][0] - now)
-        if self.alive and not self._accepting:  # paused: look again each millisecond (see accept)
+        paused = self.alive and not self._accepting and self.nr_conns < self.worker_connections
+        if paused:  # look again each millisecond (see accept)
             timeout = min(timeout, self.accept_again - now, PAUSED_POLL)
         try:
             events = self.poller.select(max(0.0, timeout))
@@ -402,7 +403,7 @@ class ThreadWorker(gthread.ThreadWorker):
         now = time.monotonic()
         self.expire(now)
         if self.alive:
-            if not self._accepting:
+            if not self._accepting and self.nr_conns < self.worker_connections:
                 waited = now >= self.accept_again  # what is still there is this worker's
                 if waited or (self.yielding and self.board.least_loaded(self.slot, self.load(now), now)):
                     self.set_accept_enabled(True)
@@ -466,6 +467,10 @@ class ThreadWorker(gthread.ThreadWorker):
     def accept(self, listener, waited=False):
         for _ in range(64):  # then let the rest of the loop run
             now = time.monotonic()
+            if self.nr_conns >= self.worker_connections:  # gunicorn's cap: the others accept meanwhile
+                self.set_accept_enabled(False)
+                self.accept_again, self.yielding = now, False
+                return
             if self.balancing and not waited and not self.board.least_loaded(self.slot, self.load(now), now):
                 self.set_accept_enabled(False)  # the least loaded worker takes it meanwhile
                 self.accept_again, self.yielding = now + ACCEPT_YIELD, True
