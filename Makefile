@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CAPTURE_PORT ?= 1025
 
-.PHONY: run test load bench install mtas clean
+.PHONY: run test load bench hostile install mtas clean
 
 $(BIN)/activate: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ load: install
 # when missing, otherwise it prints the command to run. Options: BENCH_ARGS=--help.
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# What callers without the API key can do to Herald's sends: each kind of hostile traffic (floods,
+# slow and never-reading clients, slowhttptest, a huge Content-Length) while a client with the key
+# sends, measured against its target, PASS or FAIL (about 3 minutes; not a test; `make test` runs
+# short versions). Needs Postfix's smtp-sink and slowhttptest. Options: HOSTILE_ARGS=--help.
+hostile: install
+	$(BIN)/python bench/hostile.py $(HOSTILE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

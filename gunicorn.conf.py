@@ -46,8 +46,9 @@ def _remove_own_metrics_dir():
 
 bind = [_cfg.bind]
 # gthread: each worker thread keeps its own SMTP connection open between requests. Ours reads
-# each request in the worker's main loop and gives it to a thread only when it has all arrived,
-# within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS (herald_smtp/http/worker.py).
+# each request in the worker's main loop (h11 frames it) and gives it to a thread only when it has
+# all arrived, within HTTP_HEADER_TIMEOUT_SECONDS and HTTP_BODY_TIMEOUT_SECONDS; the main loop
+# writes the answer (herald_smtp/http/worker.py).
 worker_class = "herald_smtp.http.worker.ThreadWorker"
 workers = _cfg.web_concurrency
 threads = _cfg.web_threads
@@ -73,6 +74,12 @@ loglevel = "warning" if _cfg.log_level in ("WARN", "WARNING", "ERROR") else "inf
 
 # Every line gunicorn writes (its own messages and the access log) is JSON in our schema, on stderr.
 logger_class = logs.GunicornLogger
+
+
+def post_worker_init(worker):
+    """One line once a worker has loaded the app and starts to accept (tests and the benchmark wait
+    for every worker's: one still loading takes no connection)."""
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
 def worker_exit(server, worker):

@@ -199,6 +199,10 @@ class Gunicorn:
             started(self.proc,
                     lambda: self.proc.poll() is None and urllib.request.urlopen(self.url + "/healthz", timeout=1),
                     f"{target} (see {self.log})")
+            # Every worker too, not only the first: one still loading the app takes no connection.
+            workers = int(env.get("WEB_CONCURRENCY") or 1)
+            started(self.proc, lambda: self.log.read_text().count('"Worker ready (pid: ') >= workers,
+                    f"{target}'s workers (see {self.log})")
         except BaseException:
             remove_sqlite(self.store)
             raise

@@ -325,9 +325,11 @@ def redis_url():
 class Gunicorn:
     """gunicorn as a real process with the project's gunicorn.conf.py."""
 
-    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT):
+    def __init__(self, env, tmp_path, workers=2, threads=4, stdout=subprocess.STDOUT, cwd=ROOT, app="app:app",
+                 args=(), healthz="/healthz"):
         """workers or threads None: the service's own default. stdout: where it goes (with stderr by
-        default). cwd: the working directory, where `.env` is read."""
+        default). cwd: the working directory, where `.env` is read. app, args: what gunicorn runs,
+        and command-line settings on top of gunicorn.conf.py's; healthz: the path polled until up."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items()
@@ -338,14 +340,14 @@ class Gunicorn:
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
-                                      "app:app"], cwd=cwd, env=full, stderr=self.log,
+                                      *args, app], cwd=cwd, env=full, stderr=self.log,
                                      stdout=self.log if stdout == subprocess.STDOUT else stdout)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
             try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=1).read()
+                urllib.request.urlopen(self.url + healthz, timeout=1).read()
                 return
             except OSError:
                 time.sleep(0.1)
@@ -378,8 +380,13 @@ class Gunicorn:
         return [int(p) for p in out.split()]
 
     def workers(self, n):
-        """The n worker pids, once all are forked (healthy means one worker is up, maybe not all)."""
-        wait_for(lambda: len(self.worker_pids()) == n, timeout=20)
+        """The n worker pids, once all have loaded the app and accept (healthy means one worker is
+        up, maybe not all)."""
+        def accepting():
+            pids = self.worker_pids()
+            log = self.log_path.read_text()
+            return len(pids) == n and all(f"Worker ready (pid: {pid})" in log for pid in pids)
+        wait_for(accepting, timeout=20)
         return self.worker_pids()
 
     @contextlib.contextmanager
