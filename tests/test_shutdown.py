@@ -1,12 +1,20 @@
-"""SIGTERM to gunicorn while sends are in flight: each finishes and answers 200, then SMTP QUIT."""
+"""Stopping gunicorn while sends are in flight (SIGTERM, SIGQUIT, or Ctrl-C in its terminal): each
+send finishes and answers 200, then SMTP QUIT."""
 
+import os
 import signal
 import threading
+import time
+
+import pytest
 
 from conftest import wait_for
 
 
-def test_sigterm_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn, smtp_server):
+# Ctrl-C in a terminal is SIGINT to every process of the foreground group: master and workers;
+# an impatient user presses it twice.
+@pytest.mark.parametrize("how", ["term", "quit", "ctrl-c", "ctrl-c twice"])
+def test_a_stop_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn, smtp_server, how):
     in_flight = 4  # at most one worker's threads: wherever they land, all reach DATA at once
     g = gunicorn(smtp_server.env(), workers=2, threads=in_flight)
     wait_for(lambda: len(g.worker_pids()) == 2, timeout=20)
@@ -23,8 +31,15 @@ def test_sigterm_lets_in_flight_sends_finish_then_closes_smtp_with_quit(gunicorn
         for t in threads:
             t.start()
         wait_for(lambda: len(handler.data_peers) == in_flight, timeout=20)
-        g.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "Handling signal: term" in g.log_path.read_text(), timeout=20)
+        workers = g.worker_pids()
+        for _ in range(2 if how == "ctrl-c twice" else 1):
+            if how.startswith("ctrl-c"):
+                for pid in workers:
+                    os.kill(pid, signal.SIGINT)
+            g.proc.send_signal({"term": signal.SIGTERM, "quit": signal.SIGQUIT}.get(how, signal.SIGINT))
+            time.sleep(0.5)
+        signame = "int" if how.startswith("ctrl-c") else how
+        wait_for(lambda: f"Handling signal: {signame}" in g.log_path.read_text(), timeout=20)
     finally:
         gate.set()
         for t in threads:

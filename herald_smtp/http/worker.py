@@ -351,6 +351,15 @@ class ThreadWorker(gthread.ThreadWorker):
             self.log.exception("Exception in worker process")
             sys.exit(-1 if self.booted else 3)  # 3: Arbiter.WORKER_BOOT_ERROR
 
+    def handle_quit(self, sig, frame):
+        """SIGQUIT and SIGINT (Ctrl-C) stop the worker as SIGTERM does: the main loop sees it and
+        stops (see stop). gunicorn's quick stop raises SystemExit wherever the loop happens to be,
+        which can leave a connection or a request's count half updated (the stop then waits out
+        graceful_timeout for it) and, raised again by a second Ctrl-C, cuts the sends in flight.
+        The arbiter still kills a worker that outlives graceful_timeout."""
+        self.alive = False
+        self.cfg.worker_int(self)
+
     # -- the main loop --------------------------------------------------------------------
 
     def run(self):
