@@ -25,7 +25,8 @@ from flask import Flask, request
 from flask_mail import Mail, Message
 
 from herald_smtp import create_app
-from herald_smtp.idempotency import NEW, SQLiteStore
+from herald_smtp.store.base import NEW
+from herald_smtp.store.sqlite import SQLiteStore
 
 SMTP_HOST = os.environ.get("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = int(os.environ.get("SMTP_PORT", "25"))

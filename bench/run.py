@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 from herald_smtp.config import default_idempotency_store, load_config  # noqa: E402
-from herald_smtp.idempotency import sqlite_path  # noqa: E402
+from herald_smtp.store.opener import sqlite_path  # noqa: E402
 from herald_smtp.smtp.message import MessageBuilder, SendRequest  # noqa: E402
 
 SMTP_SINK = "/usr/sbin/smtp-sink"

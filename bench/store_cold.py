@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import Sink, bench_env, ensure_tools, fresh_sqlite, remove_sqlite  # noqa: E402
 from herald_smtp import create_app  # noqa: E402
-from herald_smtp.idempotency import SQLiteStore  # noqa: E402
+from herald_smtp.store.sqlite import SQLiteStore  # noqa: E402
 
 BODY = '{"to":"user%d@example.com","subject":"Verification code","template":"login","params":{"code":"%06d"}}'
 

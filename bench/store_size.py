@@ -17,7 +17,9 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from herald_smtp.config import default_idempotency_store  # noqa: E402
-from herald_smtp.idempotency import RedisStore, SQLiteStore, sqlite_path  # noqa: E402
+from herald_smtp.store.opener import sqlite_path  # noqa: E402
+from herald_smtp.store.redis import RedisStore  # noqa: E402
+from herald_smtp.store.sqlite import SQLiteStore  # noqa: E402
 
 SCOPE = "0123456789abcdef"  # as long as a real sending identity's
 

@@ -12,7 +12,8 @@ from werkzeug.exceptions import HTTPException
 from . import logs
 from .config import Config, ConfigError, load_config, server_config
 from .errors import SendError, envelope, from_http_status
-from .idempotency import Evictions, open_store
+from .store.base import Evictions
+from .store.opener import open_store
 from .smtp.message import MessageBuilder
 from .tracing import Tracing, for_config as tracing_for
 from .smtp.transport import Transport

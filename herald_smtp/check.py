@@ -12,7 +12,8 @@ import time
 
 from .config import Config, ConfigError, environment, load_config, warnings
 from .errors import SendError
-from .idempotency import StoreUnavailable, open_store, sqlite_path
+from .store.base import StoreUnavailable
+from .store.opener import open_store, sqlite_path
 from .logs import mask
 from .smtp.message import MessageBuilder, SendRequest
 from .smtp.transport import Transport

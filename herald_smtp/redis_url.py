@@ -8,15 +8,13 @@
 The user and password are the data nodes' (percent-encoded). Options: ssl_ca_certs, ssl_certfile,
 ssl_keyfile (PEM files), ssl_cert_reqs (required, optional, none), ssl_check_hostname (true,
 false); for Sentinel, sentinel_username and sentinel_password when the sentinels require their
-own. `parse` checks a URL without the redis package; `client` builds the redis-py client.
+own. `parse` checks a URL without the redis package (config uses it); herald_smtp/store/redis.py
+builds the redis-py client for each form.
 """
 
 import dataclasses
-import itertools
 import os
 import re
-import threading
-import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
@@ -111,96 +109,3 @@ def redacted(url: str) -> str:
     """The URL with any password replaced, for repr and logs."""
     url = re.sub(r"(://[^/@?]*?:)[^/@?]*@", r"\1***@", url)
     return re.sub(r"((?:^|[?&])sentinel_password=)[^&]*", r"\1***", url)
-
-
-def client(url: str, **kwargs):
-    """A redis-py client for any form; `kwargs` (timeouts, decode_responses, ...) go to every
-    connection to a data node. Nothing connects until the first command."""
-    import redis
-
-    target = parse(url)
-    if target.kind == "server":
-        return redis.Redis.from_url(url, **kwargs)
-    auth = {"username": target.username or None, "password": target.password or None}
-    tls = {"ssl": True, **{k: v for k, v in target.options.items() if k.startswith("ssl_")}} if target.tls else {}
-    if target.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
-
-        return _LazyCluster(lambda: RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-                                                 **auth, **tls, **kwargs),
-                            redis.connection.Encoder("utf-8", "strict", kwargs.get("decode_responses", False)))
-    from redis.sentinel import Sentinel
-
-    sentinel_kwargs = {"username": target.options.get("sentinel_username") or None,
-                       "password": target.options.get("sentinel_password") or None, **tls,
-                       **{k: v for k, v in kwargs.items() if k.startswith("socket_")}}
-    sentinels = Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs, db=target.db, **auth, **tls, **kwargs)
-    master = sentinels.master_for(target.master)
-    _SwitchListener(target, sentinel_kwargs, master.connection_pool).start()
-    return master
-
-
-class _SwitchListener(threading.Thread):
-    """Follows the sentinels' +switch-master announcements and moves the pool to the new master
-    at once, as go-redis and Jedis do. Otherwise pooled connections keep writing to the old
-    master until Sentinel demotes it, on its next look (up to 10 s after a SENTINEL FAILOVER),
-    and the new master never sees those writes."""
-
-    def __init__(self, target, sentinel_kwargs, pool):
-        super().__init__(name="herald-smtp-sentinel-switch", daemon=True)
-        self.target, self.pool = target, pool
-        # Blocking reads: a subscription is silent until a failover (TCP keepalive finds a dead peer).
-        self.kwargs = {**sentinel_kwargs, "socket_timeout": None}
-
-    def run(self):
-        import redis
-
-        for host, port in itertools.cycle(self.target.nodes):
-            try:
-                with redis.Redis(host, port, **self.kwargs).pubsub(ignore_subscribe_messages=True) as sub:
-                    sub.subscribe("+switch-master")
-                    self._follow()  # a switch missed while (re)subscribing
-                    for message in sub.listen():
-                        if message["data"].split()[0].decode() == self.target.master:
-                            self._follow()
-            except (redis.RedisError, OSError):
-                time.sleep(1)  # this sentinel is gone: the next one
-
-    def _follow(self):
-        import redis
-
-        try:
-            # Asks the sentinels, and if the master moved drops the idle connections; one in use
-            # is dropped when it comes back, since the pool no longer owns its address.
-            self.pool.get_master_address()
-        except redis.RedisError:
-            pass  # no master known now: the next command's connect asks again
-
-
-class _LazyCluster:
-    """A RedisCluster made at its first command. RedisCluster reads the cluster's map when it is
-    made: a Cluster unreachable at startup must mean 503s until it is back, not workers that
-    cannot boot."""
-
-    def __init__(self, make, encoder):
-        self._make, self._encoder = make, encoder
-        self._cluster = None
-        self._lock = threading.Lock()
-
-    def get_encoder(self):
-        return self._encoder
-
-    def register_script(self, script):
-        from redis.commands.core import Script
-
-        return Script(self, script)  # its commands come back here, and make the cluster then
-
-    def close(self):
-        if self._cluster is not None:
-            self._cluster.close()
-
-    def __getattr__(self, name):
-        with self._lock:
-            if self._cluster is None:
-                self._cluster = self._make()  # raises (RedisClusterException) until a node answers
-        return getattr(self._cluster, name)

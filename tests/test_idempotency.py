@@ -18,7 +18,8 @@ import redis
 
 from conftest import free_port, send_json, unique_key, wait_for
 from herald_smtp.config import ConfigError, load_config
-from herald_smtp.idempotency import CONFLICT, DONE, FULL, NEW, PENDING, REPLAY, WAIT, open_store
+from herald_smtp.store.base import CONFLICT, DONE, FULL, NEW, PENDING, REPLAY, WAIT
+from herald_smtp.store.opener import open_store
 
 TO = "bob.builder@example.com"
 MAIL = {"to": TO, "subject": "Your code", "body": "Your code is 123456"}
@@ -191,7 +192,7 @@ def test_a_store_full_of_sends_in_flight_answers_429_until_one_settles(service, 
 
 def test_a_success_the_store_cannot_record_answers_200_and_its_key_waits_out_the_lease(make_app, smtp_server,
                                                                                       tmp_path, logs, monkeypatch):
-    from herald_smtp.idempotency import SQLiteStore
+    from herald_smtp.store.sqlite import SQLiteStore
 
     monkeypatch.setattr(SQLiteStore, "BUSY_TIMEOUT", 0.2)
     path = tmp_path / "idem.sqlite3"
@@ -485,7 +486,7 @@ def test_sqlite_store_after_a_reboot_forgets_reservations_and_keeps_successes(st
 
 
 def test_sqlite_waits_out_another_writer_then_gives_up_as_unavailable(stores, tmp_path):
-    from herald_smtp.idempotency import StoreUnavailable
+    from herald_smtp.store.base import StoreUnavailable
 
     path = tmp_path / "idem.sqlite3"
     store = stores(f"sqlite:///{path}")
@@ -592,7 +593,7 @@ def test_default_store_lives_in_a_private_directory_of_the_users_own(tmp_path):
     import tempfile
 
     from herald_smtp.config import default_idempotency_store
-    from herald_smtp.idempotency import SQLiteStore
+    from herald_smtp.store.sqlite import SQLiteStore
 
     shared = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else tempfile.gettempdir()
     assert default_idempotency_store({}) == \

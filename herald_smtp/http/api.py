@@ -13,7 +13,7 @@ import uuid
 from flask import Blueprint, current_app, g, request
 
 from ..errors import DeliveryUnknown, SendError
-from ..idempotency import StoreUnavailable, fingerprint, run_once
+from ..store.base import StoreUnavailable, fingerprint, run_once
 from ..logs import mask
 from ..smtp.message import SendRequest
 from ..tracing import note_smtp
