@@ -89,13 +89,13 @@ class FloorStore(SQLiteStore):
         super().__init__(path, max_entries)
         self.writes = writes
 
-    def begin(self, key, fp, lease):
+    def begin(self, key, fp, lease, deadline=None):
         token = os.urandom(16).hex()
         if self.writes:
             self._insert(key, fp, token, time.time() + lease)
         return NEW, None, token
 
-    def complete(self, key, token, message_id, ttl):
+    def complete(self, key, token, message_id, ttl, deadline=None):
         if self.writes == 2:
             super().complete(key, token, message_id, ttl)
 

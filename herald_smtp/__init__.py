@@ -59,7 +59,7 @@ def create_app(config=None) -> Flask:
     traces = tracing_for(config)
     traces.init_app(app)  # first hooks: every log line of a request then carries its trace ids
     store = open_store(config.idempotency_store, config.idempotency_max_entries, config.sender_scope,
-                       Evictions(metrics.evictions.inc))
+                       Evictions(metrics.evictions.inc), config.idempotency_wait_replicas)
     metrics.watch_store(lambda: store.oldest_success_age(config.idempotency_ttl_seconds), config.idempotency_ttl_seconds)
     app.extensions["herald_smtp"] = Service(
         config=config,

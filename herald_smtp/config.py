@@ -26,6 +26,7 @@ from email.header import decode_header, make_header
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
+REPLICATED_SCHEMES = ("redis+sentinel://", "rediss+sentinel://", "redis+cluster://", "rediss+cluster://")
 _FALSE = {"0", "false", "f", "no", "n", "off", ""}
 
 
@@ -81,6 +82,7 @@ class Config:
     idempotency_ttl_seconds: int = 300
     idempotency_max_entries: int = 1_200_000
     idempotency_fail_open: bool = False
+    idempotency_wait_replicas: int = 0  # replicas that must have a key's records before it counts (Redis WAIT)
     http_body_limit_bytes: int = 65536
     http_header_timeout_seconds: float = 10.0
     http_body_timeout_seconds: float = 10.0
@@ -348,6 +350,7 @@ def server_config() -> Config:
 
 def load_config(env: Mapping[str, str] = None) -> Config:
     env = os.environ if env is None else env
+    store = _secret(env, "IDEMPOTENCY_STORE").strip() or default_idempotency_store(env)
     cfg = Config(
         bind=_bind(env.get("PORT", "")),
         api_keys=_api_keys(env),
@@ -371,12 +374,16 @@ def load_config(env: Mapping[str, str] = None) -> Config:
         smtp_relay_cooldown_seconds=_number(env, "SMTP_RELAY_COOLDOWN_SECONDS", 30.0, float, 0),
         smtp_chunking=_bool(env, "SMTP_CHUNKING", True),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").upper(),
-        idempotency_store=_secret(env, "IDEMPOTENCY_STORE").strip() or default_idempotency_store(env),
+        idempotency_store=store,
         idempotency_ttl_seconds=_number(env, "IDEMPOTENCY_TTL_SECONDS", 300),
         # Ten minutes of new keys at 2000 a second, above the most this service has been measured to
         # take on one host: the default TTL's 5 minutes of keys always fit, with room to spare.
         idempotency_max_entries=_number(env, "IDEMPOTENCY_MAX_ENTRIES", 1_200_000),
         idempotency_fail_open=_bool(env, "IDEMPOTENCY_FAIL_OPEN", False),
+        # On by default where Redis replicates (Sentinel, Cluster): a failover must not forget an
+        # answered key. A plain redis:// server may have replicas too; then set it.
+        idempotency_wait_replicas=_number(env, "IDEMPOTENCY_WAIT_REPLICAS",
+                                          1 if store.startswith(REPLICATED_SCHEMES) else 0, minimum=0),
         http_body_limit_bytes=_number(env, "HTTP_BODY_LIMIT_BYTES", 65536),
         http_header_timeout_seconds=_number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, float, 0.1),
         http_body_timeout_seconds=_number(env, "HTTP_BODY_TIMEOUT_SECONDS", 10.0, float, 0.1),
@@ -449,6 +456,9 @@ def _check(cfg: Config) -> None:
             redis_url.parse(store)
         except ValueError as e:
             raise ConfigError(f"IDEMPOTENCY_STORE: {e}") from None
+    if cfg.idempotency_wait_replicas and not store.startswith(redis_url.SCHEMES):
+        raise ConfigError("IDEMPOTENCY_WAIT_REPLICAS: only a Redis IDEMPOTENCY_STORE has replicas to wait for; "
+                          "set it to 0 or leave it empty")
     if store.startswith("memory://") and cfg.web_concurrency > 1:
         raise ConfigError("IDEMPOTENCY_STORE: memory:// holds for one process only; "
                           "use the default SQLite file or redis:// with WEB_CONCURRENCY > 1")

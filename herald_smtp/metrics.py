@@ -37,7 +37,9 @@ class Metrics:
         self.connections = Counter("herald_smtp_smtp_connections", "SMTP sessions opened, and sends "
                                    "carried by a session that was already open (reused).", ["kind"], registry=r)
         self.idempotency = Counter("herald_smtp_idempotency", "Idempotency-Key outcomes other than a "
-                                   "first send: replayed or conflict.", ["result"], registry=r)
+                                   "first send: replayed, conflict, or unsaved (sent, but the success was not "
+                                   "recorded, or no replica confirmed it: a retry after the lease sends again).",
+                                   ["result"], registry=r)
         self.unknown = Counter("herald_smtp_delivery_unknown", "Sends whose data went out but whose final "
                                "reply never came (connection lost, deadline passed): the server may have the "
                                "mail, and a retry sends another copy with the same Message-ID.", registry=r)
@@ -64,7 +66,7 @@ class Metrics:
             self.latency.labels(outcome)
         for kind in ("opened", "reused"):
             self.connections.labels(kind)
-        for result in ("replayed", "conflict"):
+        for result in ("replayed", "conflict", "unsaved"):
             self.idempotency.labels(result)
 
     def send(self, outcome: str, seconds: float, unknown: bool = False) -> None:
@@ -83,6 +85,10 @@ class Metrics:
             self.idempotency.labels("replayed").inc()
         elif outcome == "idempotency_conflict":
             self.idempotency.labels("conflict").inc()
+
+    def unsaved(self) -> None:
+        """A success the idempotency store did not record (or no replica confirmed)."""
+        self.idempotency.labels("unsaved").inc()
 
     def _child(self, metric, *labels):
         """metric.labels(*labels), remembered: labels() validates and locks on every call, and

@@ -217,15 +217,15 @@ class _TracedStore:
         self._store, self._current_span = store, current_span
         self._system = type(store).__name__.removesuffix("Store").lower()
 
-    def begin(self, key, fp, lease):
-        outcome, rec, token = self._store.begin(key, fp, lease)
+    def begin(self, key, fp, lease, deadline=None):
+        outcome, rec, token = self._store.begin(key, fp, lease, deadline)
         self._current_span().set_attributes({"db.system.name": self._system,
                                              "herald_smtp.idempotency.outcome": outcome})
         return outcome, rec, token
 
-    def complete(self, key, token, message_id, ttl):
+    def complete(self, key, token, message_id, ttl, deadline=None):
         self._current_span().set_attribute("herald_smtp.idempotency.state", "done")
-        return self._store.complete(key, token, message_id, ttl)
+        return self._store.complete(key, token, message_id, ttl, deadline)
 
     def fail(self, key, token, code, message):
         self._current_span().set_attribute("herald_smtp.idempotency.state", "failed")

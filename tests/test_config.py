@@ -29,6 +29,7 @@ def test_defaults_are_the_contracts():
         # Its path is checked in test_idempotency (the default store's private directory).
         "idempotency_store": default_idempotency_store({}),
         "idempotency_ttl_seconds": 300, "idempotency_max_entries": 1_200_000, "idempotency_fail_open": False,
+        "idempotency_wait_replicas": 0,  # the SQLite file has no replicas (1 for Sentinel and Cluster)
         "http_body_limit_bytes": 65536, "http_header_timeout_seconds": 10, "http_body_timeout_seconds": 10,
         "web_concurrency": 2, "web_threads": 8,
         "metrics_require_api_key": False,
@@ -71,6 +72,10 @@ def test_port_forms(port, bind):
     ({"SMTP_MAX_CONCURRENT_SENDS": "-1"}, "SMTP_MAX_CONCURRENT_SENDS"),
     ({"IDEMPOTENCY_TTL_SECONDS": "5m"}, "IDEMPOTENCY_TTL_SECONDS"),
     ({"IDEMPOTENCY_MAX_ENTRIES": "lots"}, "IDEMPOTENCY_MAX_ENTRIES"),
+    ({"IDEMPOTENCY_STORE": "redis+sentinel://127.0.0.1/herald", "IDEMPOTENCY_WAIT_REPLICAS": "one"},
+     "IDEMPOTENCY_WAIT_REPLICAS"),
+    ({"IDEMPOTENCY_STORE": "redis://127.0.0.1", "IDEMPOTENCY_WAIT_REPLICAS": "-1"}, "IDEMPOTENCY_WAIT_REPLICAS"),
+    ({"IDEMPOTENCY_WAIT_REPLICAS": "1"}, "IDEMPOTENCY_WAIT_REPLICAS"),  # the SQLite file has no replicas
     ({"HTTP_BODY_LIMIT_BYTES": "64k"}, "HTTP_BODY_LIMIT_BYTES"),
     ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
     ({"IDEMPOTENCY_STORE": "memory://", "WEB_CONCURRENCY": "2"}, "IDEMPOTENCY_STORE"),
@@ -104,6 +109,19 @@ def test_bad_value_raises_config_error_naming_the_variable(env, variable):
     message = str(exc.value)
     assert variable in message and "\n" not in message
     assert "pw" not in message.split()
+
+
+@pytest.mark.parametrize("store, replicas", [
+    ("redis://127.0.0.1", 0), ("rediss://127.0.0.1", 0), ("unix:///run/redis.sock", 0),
+    ("redis+sentinel://127.0.0.1/herald", 1), ("rediss+sentinel://127.0.0.1/herald", 1),
+    ("redis+cluster://127.0.0.1", 1), ("rediss+cluster://127.0.0.1", 1), ("memory://", 0),
+])
+def test_wait_replicas_is_on_by_default_where_redis_replicates(store, replicas):
+    env = {"IDEMPOTENCY_STORE": store, "WEB_CONCURRENCY": "1"}
+    assert load_config(env).idempotency_wait_replicas == replicas
+    assert load_config({**env, "IDEMPOTENCY_WAIT_REPLICAS": "0"}).idempotency_wait_replicas == 0
+    if store.startswith(("redis", "unix")):
+        assert load_config({**env, "IDEMPOTENCY_WAIT_REPLICAS": "2"}).idempotency_wait_replicas == 2
 
 
 def test_a_ca_file_without_a_certificate_names_the_variable(tmp_path):

@@ -2,6 +2,8 @@
 replicas (gunicorn processes) share the idempotency keys through them."""
 
 import collections
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +12,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from conftest import free_port, unique_key, wait_for
+from conftest import free_port, json_lines, unique_key, wait_for
 from herald_smtp.config import load_config
 from redis_servers import MASTER_NAME, RedisProcesses, master_port, sentinels_ready
 from test_idempotency_e2e import MAIL, held_server, in_flight  # noqa: F401 (held_server: a fixture)
@@ -206,3 +208,57 @@ def _slots(port):
         if node_port == port:
             slots.update(range(start, end + 1))
     return slots
+
+
+def test_a_key_is_answered_only_once_a_replica_has_it(redis_procs, gunicorn, held_server):
+    """IDEMPOTENCY_WAIT_REPLICAS on a redis:// server with a replica: the reservation and the
+    completion are on the replica before the answer; a replica that does not confirm stops the
+    send (503, released), or after the send is an error line and a count (still 200)."""
+    master = redis_procs.server()
+    replica = redis_procs.replica(master)
+    env = held_server.env(IDEMPOTENCY_STORE=f"redis://127.0.0.1:{master}/0", IDEMPOTENCY_WAIT_REPLICAS="1",
+                          SMTP_TIMEOUT_SECONDS="5")
+    g = gunicorn(env, workers=1, threads=4)
+    on_replica = redis.Redis(port=replica, decode_responses=True)
+
+    def records():
+        names = [k for k in on_replica.keys("*:idem:*") if len(k.rpartition(":")[2]) == 64]  # not the sets
+        return {k: on_replica.hgetall(k) for k in names}
+
+    held_server.handler.data_gate.set()
+    key = unique_key()
+    assert g.post(MAIL, key)[0] == 200
+    assert [r["state"] for r in records().values()] == ["done"]  # there the moment the answer came
+
+    # The replica stops answering (SIGSTOP): no reservation is confirmed, so nothing is sent.
+    stopped = redis_procs.procs[replica]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status, body = g.post({**MAIL, "to": "erin@example.com"}, "no-replica")
+        assert (status, body["error_code"]) == (503, "provider_down"), body
+        assert time.monotonic() - started < 3  # waited at most WAIT_MAX (1 s), not the deadline
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    assert len(held_server.messages) == 1
+    # Released: the retry, once the replica is back, sends (once).
+    wait_for(lambda: g.post({**MAIL, "to": "erin@example.com"}, "no-replica")[0] == 200, timeout=10)
+    assert [m.rcpt_tos for m in held_server.messages[1:]] == [["erin@example.com"]]
+
+    # The replica stops while the mail is at the SMTP server: the mail went out, so 200, but the
+    # completion is unconfirmed: an error line, and herald_smtp_idempotency_total{result="unsaved"}.
+    held_server.handler.data_gate.clear()
+    before = len(held_server.handler.data_peers)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(g.post, {**MAIL, "to": "finn@example.com"}, "replica-lost-mid-send")
+        wait_for(lambda: len(held_server.handler.data_peers) > before)
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            held_server.handler.data_gate.set()
+            assert answer.result()[0] == 200
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+    assert g.metrics()["herald_smtp_idempotency_total{result=unsaved}"] == 1
+    unsaved = [line for line in json_lines(g.log_path.read_text()) if line.get("idempotency_key") == "replica-lost-mid-send"]
+    assert [(line["level"], line["event"].split(":")[0]) for line in unsaved if line["level"] == "error"] == \
+        [("error", "idempotency record not saved")]

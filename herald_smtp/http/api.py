@@ -77,7 +77,8 @@ def send():
             try:
                 with svc.tracing.store_span():
                     message_id, replayed = run_once(svc.store, key, fp, deadline, deliver,
-                                                    cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds)
+                                                    cfg.idempotency_lease_seconds, cfg.idempotency_ttl_seconds,
+                                                    svc.metrics and svc.metrics.unsaved)
             except StoreUnavailable:
                 if not cfg.idempotency_fail_open:
                     raise SendError("provider_down", "idempotency store unavailable; not sending unprotected")

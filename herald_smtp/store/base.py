@@ -32,6 +32,11 @@ class StoreUnavailable(Exception):
     """The store could not be reached; the caller answers 503 rather than send unprotected."""
 
 
+class NotReplicated(StoreUnavailable):
+    """No replica confirmed a write in time (IDEMPOTENCY_WAIT_REPLICAS): a failover now could
+    lose it, so it counts as the store being unavailable."""
+
+
 @dataclasses.dataclass
 class Record:
     fingerprint: str
@@ -56,14 +61,15 @@ def decide(rec, fp: str) -> str:
     return REPLAY if rec.state == DONE else WAIT
 
 
-def run_once(store, key, fp, deadline, send, lease, ttl):
+def run_once(store, key, fp, deadline, send, lease, ttl, on_unsaved=None):
     """Send at most once per key: the first caller sends, concurrent callers wait for it.
 
     Returns (message_id, replayed). `send()` returns the message id or raises SendError.
+    `on_unsaved()` is told of each success whose record was not saved (or not replicated).
     """
     delay = 0.005
     while True:
-        outcome, rec, token = store.begin(key, fp, lease)
+        outcome, rec, token = store.begin(key, fp, lease, deadline)
         if outcome == NEW:
             try:
                 message_id = send()
@@ -74,12 +80,15 @@ def run_once(store, key, fp, deadline, send, lease, ttl):
                 _quietly(store.fail, key, token, "send_failed", "internal error")
                 raise
             try:
-                store.complete(key, token, message_id, ttl)
+                store.complete(key, token, message_id, ttl, deadline)
             except Exception as e:
-                # The mail went out: the answer stays 200. The record stays pending, so a retry
-                # waits for it until its lease ends, and after that sends again.
+                # The mail went out: the answer stays 200. The record stays pending (or, not
+                # replicated, may be lost in a failover), so a retry waits for it until its lease
+                # ends, and after that sends again.
                 log.error("idempotency record not saved: a retry of this key after its lease will send again",
                           extra={"fields": {"idempotency_key": key, "error": type(e).__name__}})
+                if on_unsaved:
+                    on_unsaved()
             return message_id, False
         if outcome == REPLAY:
             return rec.message_id, True

@@ -27,7 +27,7 @@ class MemoryStore:
             return None
         return item[0] if item else None
 
-    def begin(self, key, fp, lease):
+    def begin(self, key, fp, lease, deadline=None):
         evicted = 0
         with self._lock:
             now = time.monotonic()
@@ -62,7 +62,7 @@ class MemoryStore:
             if rec and rec.token == token:
                 self._records[key] = (dataclasses.replace(rec, **changes), time.monotonic() + keep)
 
-    def complete(self, key, token, message_id, ttl):
+    def complete(self, key, token, message_id, ttl, deadline=None):
         self._settle(key, token, ttl, state=DONE, message_id=message_id)
 
     def fail(self, key, token, code, message):

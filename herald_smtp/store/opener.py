@@ -14,12 +14,13 @@ def sqlite_path(url: str):
     return url[len("sqlite://"):] if url.startswith("sqlite://") else url
 
 
-def open_store(url: str, max_entries: int, scope: str = "", on_evict=None):
+def open_store(url: str, max_entries: int, scope: str = "", on_evict=None, replicas: int = 0):
     """The store IDEMPOTENCY_STORE names, for the sending identity `scope`. `on_evict(n)` is
-    told of every n settled records evicted to make room (see Evictions)."""
+    told of every n settled records evicted to make room (see Evictions); a Redis store's writes
+    count once `replicas` replicas have them (IDEMPOTENCY_WAIT_REPLICAS)."""
     path = sqlite_path(url)
     if path is not None:
         return SQLiteStore(path, max_entries, scope, on_evict)
     if url.startswith("memory://"):
         return MemoryStore(max_entries, on_evict)
-    return RedisStore(url, max_entries, scope, on_evict)
+    return RedisStore(url, max_entries, scope, on_evict, replicas)

@@ -8,7 +8,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from .. import redis_url
-from .base import DONE, FAILED, FAILED_KEEP_SECONDS, NEW, REPLAY, WAIT, Record, StoreUnavailable
+from .base import DONE, FAILED, FAILED_KEEP_SECONDS, NEW, REPLAY, WAIT, NotReplicated, Record, StoreUnavailable
 
 
 # Redis: a hash per key (expiring with its record), and two sorted sets of keys by expiry: the
@@ -62,19 +62,33 @@ return {tostring(now), first[2] or ''}
 
 
 class RedisStore:
-    """Shared by every replica. A key's record lives under a hash of the key, so any text is safe."""
+    """Shared by every replica. A key's record lives under a hash of the key, so any text is safe.
 
-    def __init__(self, url: str, max_entries: int, scope: str = "", on_evict=None):
+    With `replicas` (IDEMPOTENCY_WAIT_REPLICAS), a reservation and a completion count only once
+    that many replicas have them: Redis's WAIT, sent with the script in one round trip, on the
+    connection that wrote (WAIT counts what the replicas have of that connection's writes).
+    """
+
+    WAIT_MAX = 1.0  # seconds a write waits for its replicas at most; the send's deadline may cut it shorter
+    WAIT_MIN = 0.05  # ...but never below this: WAIT 0 would wait for ever, and a reply takes a moment
+
+    def __init__(self, url: str, max_entries: int, scope: str = "", on_evict=None, replicas: int = 0):
         import redis  # only deployments that choose Redis need the client loaded
 
         self.max_entries = max_entries
         self.on_evict = on_evict
+        self.replicas = replicas
         self.prefix = f"{{herald-smtp:{scope or 'default'}}}:idem:"
         self.pending, self.done = self.prefix + "pending", self.prefix + "done"
         # A Cluster without a node for the slot raises RedisClusterException, no RedisError.
         self._errors = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+        # Worth one more try: a node without our scripts, a slot that moved (MovedError is an
+        # AskError), a dropped connection.
+        self._noscript = redis.exceptions.NoScriptError
+        self._retry = (self._noscript, redis.exceptions.AskError, redis.ConnectionError)
         self.client = client(url, socket_timeout=5, socket_connect_timeout=3,
-                                       health_check_interval=30, decode_responses=True)
+                             health_check_interval=30, decode_responses=True)
+        self._cluster = redis_url.parse(url).kind == "cluster"
         self._begin = self.client.register_script(_BEGIN)
         self._settle_script = self.client.register_script(_SETTLE)
         self._oldest = self.client.register_script(_OLDEST)
@@ -83,17 +97,56 @@ class RedisStore:
     def _name(self, key):
         return self.prefix + hashlib.sha256(key.encode()).hexdigest()
 
-    def begin(self, key, fp, lease):
-        token = uuid.uuid4().hex
+    def _write(self, script, keys, args, deadline=None, replicate=True):
+        """Run a script on the node that holds its keys: its reply, and whether `replicas`
+        replicas confirmed it (True without WAIT)."""
+        wait = None
+        if self.replicas and replicate:
+            left = self.WAIT_MAX if deadline is None else deadline - time.monotonic()
+            wait = int(max(self.WAIT_MIN, min(left, self.WAIT_MAX)) * 1000)
+        for attempt in range(2):
+            # On a Cluster, the node's own client: WAIT has no key to route it by.
+            node = (self.client.get_redis_connection(self.client.get_node_from_key(keys[0])) if self._cluster
+                    else self.client)
+            pipe = node.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if wait is not None:
+                pipe.wait(self.replicas, wait)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except self._retry as e:
+                replies = [e]
+            if attempt == 0 and isinstance(replies[0], self._retry):
+                if isinstance(replies[0], self._noscript):
+                    node.script_load(script.script)  # a restarted or new node: load it and run it again
+                elif self._cluster:
+                    self.client.nodes_manager.initialize()  # the slot moved (MOVED, ASK) or its node is gone
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies[0], wait is None or replies[1] >= self.replicas
+
+    def begin(self, key, fp, lease, deadline=None):
+        token, name = uuid.uuid4().hex, self._name(key)
         try:
-            res = self._begin(keys=[self._name(key), self.pending, self.done],
-                              args=[fp, token, int(lease * 1000), self.max_entries])
+            res, replicated = self._write(self._begin, [name, self.pending, self.done],
+                                          [fp, token, int(lease * 1000), self.max_entries], deadline)
         except self._errors as e:
             raise StoreUnavailable(type(e).__name__) from None
         if res[0] in (REPLAY, WAIT):
             return res[0], Record(res[1], res[2], res[3], res[4] or ""), None
         if res[0] == NEW and res[1] and self.on_evict:
             self.on_evict(res[1])
+        if res[0] == NEW and not replicated:
+            # A failover could forget this reservation and let a retry send a second copy: no send.
+            # Released as failed, so requests waiting on it answer the same and a retry sends.
+            try:
+                self._settle(key, token, FAILED, FAILED_KEEP_SECONDS, code="provider_down",
+                             msg="idempotency store not replicated; not sending unprotected", replicate=False)
+            except self._errors:
+                pass  # the lease frees it
+            raise NotReplicated(f"no replica confirmed the reservation within {self.WAIT_MAX:g} s")
         return res[0], None, token if res[0] == NEW else None
 
     def get(self, key):
@@ -105,15 +158,22 @@ class RedisStore:
             return None
         return Record(h["fp"], h["state"], h["token"], h.get("mid", ""), h.get("code", ""), h.get("msg", ""))
 
-    def _settle(self, key, token, state, keep, mid="", code="", msg=""):
-        self._settle_script(keys=[self._name(key), self.pending, self.done],
-                            args=[token, state, mid, code, msg, int(keep * 1000)])
+    def _settle(self, key, token, state, keep, mid="", code="", msg="", deadline=None, replicate=True):
+        return self._write(self._settle_script, [self._name(key), self.pending, self.done],
+                           [token, state, mid, code, msg, int(keep * 1000)], deadline, replicate)[1]
 
-    def complete(self, key, token, message_id, ttl):
-        self._settle(key, token, DONE, ttl, mid=message_id)
+    def complete(self, key, token, message_id, ttl, deadline=None):
+        # Until a replica has it, a failover could forget the success. The sentinels may be moving
+        # the master right now: while the deadline allows, write it again (to the new master, once
+        # the client follows it; the script is the same for a second run).
+        while not self._settle(key, token, DONE, ttl, mid=message_id, deadline=deadline):
+            if deadline is None or time.monotonic() + self.WAIT_MIN >= deadline:
+                raise NotReplicated("no replica confirmed the completion")
+            time.sleep(self.WAIT_MIN)
 
     def fail(self, key, token, code, message):
-        self._settle(key, token, FAILED, FAILED_KEEP_SECONDS, code=code, msg=message)
+        # Failures are not remembered beyond a few seconds: nothing to wait for.
+        self._settle(key, token, FAILED, FAILED_KEEP_SECONDS, code=code, msg=message, replicate=False)
 
     def oldest_success_age(self, ttl):
         """Seconds since the oldest success still remembered was recorded (0: none), by Redis's clock."""

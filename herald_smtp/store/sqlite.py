@@ -149,7 +149,7 @@ class SQLiteStore:
                           f" FROM {self.table} WHERE key = ? AND expires_at > ?", (key, now))
         return Record(*row) if row else None
 
-    def begin(self, key, fp, lease):
+    def begin(self, key, fp, lease, deadline=None):
         try:
             while True:
                 now, token = time.monotonic(), uuid.uuid4().hex
@@ -224,7 +224,7 @@ class SQLiteStore:
                   " expires_at = ? WHERE key = ? AND token = ?",
                   (state, message_id, code, message, time.monotonic() + keep, key, token))
 
-    def complete(self, key, token, message_id, ttl):
+    def complete(self, key, token, message_id, ttl, deadline=None):
         self._settle(key, token, ttl, DONE, message_id=message_id)
 
     def fail(self, key, token, code, message):
