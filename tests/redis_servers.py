@@ -53,17 +53,31 @@ class RedisProcesses:
                         f"sentinel failover-timeout {MASTER_NAME} 10000\n")
         return self._start(port, [str(conf), "--sentinel"])
 
-    def cluster(self, ports):
-        """A Cluster of one master on each port (chosen beforehand, e.g. by free_port)."""
+    def _cluster_node(self, port=None):
         # cluster-port: the bus on a free port of its own, not the default port + 10000.
+        return self.server("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()), port=port)
+
+    def cluster(self, ports, replicas=False):
+        """A Cluster of one master on each port (chosen beforehand, e.g. by free_port); with
+        `replicas`, a replica of each too: {master port: replica port}."""
         for port in ports:
-            self.server("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()), port=port)
+            self._cluster_node(port)
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        pairs = {}
+        for port in ports if replicas else ():
+            master_id = redis.Redis(port=port, decode_responses=True).cluster("myid")
+            pairs[port] = self._cluster_node()
+            subprocess.run(["redis-cli", "--cluster", "add-node", f"127.0.0.1:{pairs[port]}", f"127.0.0.1:{port}",
+                            "--cluster-slave", "--cluster-master-id", master_id],
+                           check=True, capture_output=True, timeout=30)
+        every = [*ports, *pairs.values()]
         wait_for(lambda: all(redis.Redis(port=p, decode_responses=True).cluster("info")["cluster_state"] == "ok"
-                             for p in ports), timeout=20)
-        return ports
+                             for p in every), timeout=20)
+        for replica in pairs.values():
+            wait_for(lambda: _info(replica, "replication").get("master_link_status") == "up", timeout=20)
+        return pairs
 
     def kill(self, port):
         self.procs[port].kill()

@@ -89,52 +89,53 @@ def replicated(port):
     assert master.wait(1, 5000) == 1
 
 
-def test_sentinel_failover_answers_503_for_seconds_then_recovers_and_never_sends_twice(
-        redis_procs, gunicorn, smtp_server):
+def test_sentinel_failover_forgets_no_answered_key_and_never_sends_twice(redis_procs, gunicorn, smtp_server):
+    """A master and two replicas (so one is left when the master dies), three sentinels, two
+    service replicas under load with retries; IDEMPOTENCY_WAIT_REPLICAS at its default, 1."""
     first = redis_procs.server()
-    second = redis_procs.replica(first)
+    nodes = [first, redis_procs.replica(first), redis_procs.replica(first)]
     sentinels = [redis_procs.sentinel(first) for _ in range(3)]
-    sentinels_ready(sentinels[:1], quorum=False)  # enough for SENTINEL FAILOVER, the first event
+    sentinels_ready(sentinels[:1], replicas=2, quorum=False)  # enough for SENTINEL FAILOVER, the first event
     url = f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in sentinels)}/{MASTER_NAME}"
     env = smtp_server.env(IDEMPOTENCY_STORE=url, SMTP_TIMEOUT_SECONDS="3")
     a, b = gunicorn(env, workers=2, threads=4), gunicorn(env, workers=2, threads=4)
     load = Load([a, b])
     safe, turbulent, figures = set(), {}, []
-    settled = 0.0  # when the previous failover was over: no write since went to a lost master
+    settled = 0.0  # when the previous failover was over
     try:
         for trigger in ("SENTINEL FAILOVER", "kill -9"):
-            sentinels_ready(sentinels, quorum=trigger == "kill -9")
+            # Every live node is a replica again (a demoted master rejoins), so a failover can start.
+            sentinels_ready(sentinels, replicas=2 if trigger != "kill -9" else 2, quorum=trigger == "kill -9")
             old = master_port(sentinels[0])
-            new = second if old == first else first
             time.sleep(0.5)
             started = time.monotonic()
-            replicated(old)  # everything answered until now is on the replica too
             safe |= load.keys(lambda s, e: s > settled and e < started)
             if trigger == "kill -9":
                 redis_procs.kill(old)
             else:
                 redis.Redis(port=sentinels[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
-            wait_for(lambda: master_port(sentinels[0]) == new, timeout=20)
+            wait_for(lambda: master_port(sentinels[0]) != old, timeout=20)
             switched = time.monotonic() - started
-            if trigger != "kill -9":  # until Sentinel demotes the old master, it still takes writes
-                wait_for(lambda: redis.Redis(port=old, decode_responses=True).info("replication")
-                         .get("master_link_status") == "up", timeout=20)
-            time.sleep(1.5)
+            # Recovered by itself once the new master has a replica: a second of sends all answered
+            # 200 at the first try.
+            def recovered():
+                now = time.monotonic()
+                recent = {status for s, _, _, _, status, _ in list(load.answers) if s > now - 1.0}
+                return now > started + switched + 1.0 and recent == {200}
+            wait_for(recovered, timeout=40)
             settled = time.monotonic()
             turbulent[trigger] = (started, switched, load.keys(lambda s, e: e >= started and s <= settled))
             window, failures = load.window(started)
             slowest = max(e - s for s, e, *_ in load.answers if e >= started)
             figures.append(f"{trigger}: new master after {switched:.1f} s; {failures} answers 503/504 over "
                            f"{window:.1f} s; slowest answer {slowest:.1f} s")
-            # Recovered by itself: the last second's sends were all answered 200 at the first try.
-            assert {status for s, _, _, _, status, _ in load.answers if s > settled - 1.0} == {200}
-            assert window < 8, figures
+            assert window < 30, figures
     finally:
         load.stop()
 
     codes = collections.Counter((status, code) for *_, status, code in load.answers if status != 200)
     assert set(codes) <= {(503, "provider_down"), (504, "timeout")}, codes
-    assert codes[503, "provider_down"] > 0  # the kill was felt
+    assert codes[503, "provider_down"] > 0  # the failovers were felt
     # Every key answered 200 went out exactly once; no failed answer sent anything.
     delivered = collections.Counter(m.rcpt_tos[0] for m in smtp_server.messages)
     assert delivered == collections.Counter(f"user{n}@example.com" for n in load.done)
@@ -146,21 +147,20 @@ def test_sentinel_failover_answers_503_for_seconds_then_recovers_and_never_sends
     assert replays == [(200, {"ok": True, "message_id": k, "provider": "smtp"}) for k in sorted(safe)]
     assert len(safe) > 20 and len(smtp_server.messages) == sent
 
-    # What replication cannot promise: a key answered during the switch may be forgotten (its
-    # record went to a master that lost it): a retry sends again, or, if only the completion was
-    # lost, waits out the reservation's lease (504) and then sends. Measured, and bounded: once
-    # the sentinels announce the new master, no worker writes to the old one.
+    # Keys answered 200 while the master changed: each is on a replica that survived, so a retry
+    # replays it, or (its completion not confirmed in time: an error line and a count) waits out
+    # its reservation (504); none is sent again.
+    unsaved = sum(g.metrics()["herald_smtp_idempotency_total{result=unsaved}"] for g in (a, b))
     for trigger, (started, switched, keys) in turbulent.items():
         before = collections.Counter(m.rcpt_tos[0] for m in smtp_server.messages)
         with ThreadPoolExecutor(8) as pool:
             retries = dict(zip(keys, pool.map(lambda k: a.post(mail(number(k)), k)[0], keys)))
         again = collections.Counter(m.rcpt_tos[0] for m in smtp_server.messages) - before
-        assert set(retries.values()) <= {200, 504}
-        forgotten = [load.ended[k] - started for k in keys if again[mail(number(k))["to"]] or retries[k] == 504]
-        figures.append(f"{trigger}: {len(forgotten)} of {len(keys)} keys answered during the switch forgotten "
-                       f"({sum(again.values())} sent again, {list(retries.values()).count(504)} still reserved), "
-                       f"the last answered {max(forgotten, default=0):.1f} s after it began")
-        assert max(forgotten, default=0) < switched + 1.0, figures
+        figures.append(f"{trigger}: {len(keys)} keys answered 200 during the switch, {sum(again.values())} sent "
+                       f"again by a retry, {list(retries.values()).count(504)} still reserved (504)")
+        assert not again, figures
+        assert set(retries.values()) <= {200, 504}, figures
+    figures.append(f"{unsaved} completions not confirmed by a replica (answered 200, logged)")
     print("\nfailover: " + "; ".join(figures))
 
 
@@ -177,7 +177,7 @@ def test_cluster_two_replicas_share_keys(redis_procs, gunicorn, held_server):
     a = gunicorn(env, workers=2, threads=12)
     held_server.handler.data_gate.set()
     assert a.post(MAIL, unique_key())[1]["error_code"] == "provider_down"
-    redis_procs.cluster(nodes)
+    redis_procs.cluster(nodes, replicas=True)  # IDEMPOTENCY_WAIT_REPLICAS is 1 by default: one each
     held_server.handler.data_gate.clear()
     b = gunicorn(env, workers=2, threads=12)
     assert redis.Redis(port=nodes[0]).cluster("keyslot", "{" + tag + "}") == slot and slot in _slots(owner)
