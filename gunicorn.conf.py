@@ -14,11 +14,16 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from herald_smtp import config as herald_config, logs  # noqa: E402  (neither imports prometheus_client)
+from herald_smtp.store import opener as store_opener  # noqa: E402  (nor does this)
 
 # At start a bad value stops the master with one line; at a reload (HUP, which runs this file
 # again) it is logged, and the workers gunicorn starts now inherit the configuration in force.
+_at_reload = herald_config.reloading()
 try:
     _cfg, _reload_error = herald_config.load_server_config()
+    if not _at_reload:
+        # The SQLite file is laid out (or refused) here, once, before any worker opens it.
+        store_opener.prepare(_cfg.idempotency_store, _cfg.idempotency_max_entries, _cfg.sender_scope)
 except herald_config.ConfigError as e:
     logs.config_error(str(e))
     sys.exit(2)

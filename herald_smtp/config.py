@@ -343,6 +343,11 @@ def load_server_config():
     return cfg, None
 
 
+def reloading() -> bool:
+    """True once the master has a configuration in force: a load now is a reload (SIGHUP)."""
+    return _in_force is not None
+
+
 def server_config() -> Config:
     """What the app serves: the gunicorn master's configuration, else (no master) loaded now."""
     return _in_force or load_config(environment())

@@ -529,7 +529,7 @@ def test_sqlite_store_takes_over_an_earlier_layout_with_its_live_keys(stores, tm
     with sqlite3.connect(path) as db:
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
-    assert tables == {"idempotency_brand", "herald_smtp_clock"}
+    assert tables == {"idempotency_brand", "herald_smtp_clock", "herald_smtp_host"}
 
 
 def test_redis_forgets_expired_entries(stores, redis_url):

@@ -24,3 +24,12 @@ def open_store(url: str, max_entries: int, scope: str = "", on_evict=None, repli
     if url.startswith("memory://"):
         return MemoryStore(max_entries, on_evict)
     return RedisStore(url, max_entries, scope, on_evict, replicas)
+
+
+def prepare(url: str, max_entries: int, scope: str = "") -> None:
+    """Lay out or adopt a SQLite store's file once, in gunicorn's master before any worker
+    starts: the workers then find it ready, and a file startup refuses (another host's, another
+    user's directory) stops the master with one line (ConfigError). Nothing to do for the others."""
+    path = sqlite_path(url)
+    if path is not None:
+        SQLiteStore(path, max_entries, scope).close()

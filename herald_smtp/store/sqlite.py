@@ -33,6 +33,18 @@ def _boot_id() -> str:
         return ""
 
 
+def _machine_id() -> str:
+    """This host, across reboots (systemd's and D-Bus's id); "" where the machine has none."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                if value := f.read().strip():
+                    return value
+        except OSError:
+            pass
+    return ""
+
+
 class SQLiteStore:
     """A file every worker of one host shares; WAL lets readers run beside the one writer.
 
@@ -49,6 +61,12 @@ class SQLiteStore:
       moves, so a lease never ends early. The file records the boot and the wall clock's offset;
       opened after a reboot, it converts its times and forgets the reservations (their owners
       are gone).
+    - The file records the host it belongs to (its machine id). Another host's file (a network
+      filesystem, a volume two machines share) is refused at startup: SQLite's locks do not hold
+      across hosts, and the times are the other host's.
+    - Layout changes only add tables, and statements name their columns, so a file written by
+      another version of this store opens (several versions share the default file while they
+      run side by side); a file that still does not fit stops startup with one line.
     """
 
     PURGE_EVERY = 1.0  # seconds between deletions of the expired rows at the bottom
@@ -74,19 +92,48 @@ class SQLiteStore:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             _refuse_shared_temp_dir(directory)
         with self._lock:
-            db = self._connect()
-            # WAL is a property of the file, set once (workers opening a new file together wait
-            # their turn like any other statement).
-            self._execute(db, "PRAGMA journal_mode=WAL")
-            self._execute(db, "BEGIN IMMEDIATE")
             try:
-                db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT NOT NULL UNIQUE,"
-                           " fingerprint TEXT NOT NULL, state TEXT NOT NULL, token TEXT NOT NULL,"
-                           " message_id TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',"
-                           " error_message TEXT NOT NULL DEFAULT '', expires_at REAL NOT NULL)")
-                self._adopt_clock(db)
-            finally:
-                db.execute("COMMIT")
+                self._open()
+            except sqlite3.Error as e:
+                self._close()
+                raise ConfigError(f"IDEMPOTENCY_STORE: cannot use {path}: {e}") from None
+            except ConfigError:
+                self._close()
+                raise
+
+    def _open(self):
+        """Create the table, or adopt what the file holds, in one transaction: processes opening
+        the file together take their turns."""
+        db = self._connect()
+        # WAL is a property of the file, set once.
+        self._execute(db, "PRAGMA journal_mode=WAL")
+        self._execute(db, "BEGIN IMMEDIATE")
+        try:
+            self._claim_host(db)
+            db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT NOT NULL UNIQUE,"
+                       " fingerprint TEXT NOT NULL, state TEXT NOT NULL, token TEXT NOT NULL,"
+                       " message_id TEXT NOT NULL DEFAULT '', error_code TEXT NOT NULL DEFAULT '',"
+                       " error_message TEXT NOT NULL DEFAULT '', expires_at REAL NOT NULL)")
+            self._adopt_clock(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _claim_host(self, db):
+        """A new file, or one from before hosts were recorded, becomes this host's; another
+        host's is refused rather than adopted (adopting would drop its reservations)."""
+        db.execute("CREATE TABLE IF NOT EXISTS herald_smtp_host (machine_id TEXT NOT NULL)")
+        mine = _machine_id()
+        row = db.execute("SELECT machine_id FROM herald_smtp_host").fetchone()
+        if row is None or not row[0]:
+            db.execute("DELETE FROM herald_smtp_host")
+            db.execute("INSERT INTO herald_smtp_host (machine_id) VALUES (?)", (mine,))
+        elif mine and row[0] != mine:
+            # The ids themselves stay out of the line: systemd asks that they be kept private.
+            raise ConfigError(f"IDEMPOTENCY_STORE: {self.path} belongs to another host (its machine id is not this "
+                              "one's): SQLite's locking is not safe across hosts and its times are per host; give "
+                              "each host a file of its own, or use Redis")
 
     def _adopt_clock(self, db):
         """Bring the table's times onto this boot's monotonic clock, and carry the live keys of
@@ -107,7 +154,8 @@ class SQLiteStore:
                            (offset, time.time()))
                 db.execute(f"DROP TABLE {legacy}")  # its indexes and triggers go with it
         db.execute("DROP TABLE IF EXISTS idempotency_size")
-        db.execute("INSERT OR REPLACE INTO herald_smtp_clock VALUES (?, ?, ?)", (self.table, boot, offset))
+        db.execute("INSERT OR REPLACE INTO herald_smtp_clock (name, boot, wall_offset) VALUES (?, ?, ?)",
+                   (self.table, boot, offset))
 
     def _connect(self):
         # Opened lazily, so each forked worker has its own; the caller holds the lock. No busy
@@ -239,6 +287,9 @@ class SQLiteStore:
 
     def close(self):
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn, self._pid = None, None
+            self._close()
+
+    def _close(self):
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn, self._pid = None, None
