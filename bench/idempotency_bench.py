@@ -6,6 +6,8 @@ sending to Postfix's smtp-sink, loaded by wrk at the connection count of bench/r
   - a unique key per request on the default SQLite store (a fresh file per run, in the default
     store's directory, so on the same filesystem),
   - a unique key per request on Redis (a database of its own, flushed before each run),
+  - the same on a Redis master with a replica the benchmark starts (redis-server on free
+    loopback ports), with IDEMPOTENCY_WAIT_REPLICAS=1: each write waits for the replica (WAIT),
 in interleaved rounds, median of each, with the default IDEMPOTENCY_MAX_ENTRIES.
 With --floor, also herald-smtp on the bare writes of its SQLite layout (bench/apps.py:floor): the
 INSERT and UPDATE of a new key, then the INSERT alone, then no write at all (what a key costs
@@ -40,6 +42,7 @@ from bench.run import (Sink, free_port, fresh_sqlite, prepare, remove_sqlite, st
 
 API_KEY = "bench-api-key"  # bench_env's
 VARIANTS = {"none": "no key", "sqlite": "SQLite store (default)", "redis": "Redis store",
+            "redis_wait": "Redis store, WAIT for its replica",
             "floor2": "floor: SQLite INSERT + UPDATE only", "floor1": "floor: SQLite INSERT only",
             "floor0": "floor: a key, no store writes"}
 # The others serve app:app.
@@ -96,17 +99,45 @@ def load(app, env, log, args, sink, keyed, traced=False, cwd=ROOT):
     return result
 
 
+class ReplicatedRedis:
+    """A master and its replica on free loopback ports, in `workdir`; stop() ends both."""
+
+    def __init__(self, workdir):
+        self.master, replica = free_port(), free_port()
+        self.procs = []
+        for port, extra in ((self.master, []), (replica, ["--replicaof", "127.0.0.1", str(self.master)])):
+            node = workdir / f"redis-{port}"
+            node.mkdir()
+            self.procs.append(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                                "--appendonly", "no", "--dir", str(node), *extra],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for(lambda: self._linked(replica), "the replica's link to its master")
+        self.url = f"redis://127.0.0.1:{self.master}/0"
+
+    @staticmethod
+    def _linked(port):
+        try:
+            return redis.Redis(port=port).info("replication").get("master_link_status") == "up"
+        except redis.ConnectionError:
+            return False  # still starting
+
+    def stop(self):
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(10)
+
+
 def one_run(variant, args, workdir, env):
     """Fresh sink, store and gunicorn; warm-up, then the measured wrk run."""
     sqlite = fresh_sqlite("bench")
-    store = args.redis_url if variant == "redis" else f"sqlite://{sqlite}"
-    if variant == "redis":
-        redis.Redis.from_url(args.redis_url).flushdb()
+    store = {"redis": args.redis_url, "redis_wait": args.replicated.url}.get(variant, f"sqlite://{sqlite}")
+    if variant.startswith("redis"):
+        redis.Redis.from_url(store).flushdb()
     sink = Sink(workdir)
     port = free_port()
     log = workdir / f"gunicorn-{variant}-{port}.log"
     genv = {**env, "PORT": f"127.0.0.1:{port}", "SMTP_PORT": str(sink.port),
-            "IDEMPOTENCY_STORE": store}
+            "IDEMPOTENCY_STORE": store, "IDEMPOTENCY_WAIT_REPLICAS": "1" if variant == "redis_wait" else "0"}
     try:
         result = load(APPS.get(variant, "app:app"), genv, log, args, sink, keyed=variant != "none")
         result["delivered"] = sink.messages()
@@ -165,10 +196,14 @@ def main():
     rounds = {v: [] for v in names}
     with tempfile.TemporaryDirectory(prefix="herald-idem-bench-") as tmp:
         workdir = Path(tmp)
-        for i in range(args.rounds):
-            for v in names[i % len(names):] + names[:i % len(names)]:
-                print(f"round {i + 1}/{args.rounds}: {VARIANTS[v]}", flush=True)
-                rounds[v].append(one_run(v, args, workdir, env))
+        args.replicated = ReplicatedRedis(workdir)
+        try:
+            for i in range(args.rounds):
+                for v in names[i % len(names):] + names[:i % len(names)]:
+                    print(f"round {i + 1}/{args.rounds}: {VARIANTS[v]}", flush=True)
+                    rounds[v].append(one_run(v, args, workdir, env))
+        finally:
+            args.replicated.stop()
     redis.Redis.from_url(args.redis_url).flushdb()
     results = {}
     for v, rs in rounds.items():
