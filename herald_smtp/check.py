@@ -42,8 +42,7 @@ def run(send_to: str = "", out=print) -> int:
         out("check failed: SMTP_HOST and SMTP_FROM must be set; every send would answer 503")
         return EXIT_FAILED
     try:
-        _check_store(cfg)
-        out("ok: idempotency store usable")
+        out(f"ok: idempotency store usable{_check_store(cfg)}")
     except SendError as err:
         out(f"check failed: {err.message}")
         return EXIT_FAILED
@@ -102,7 +101,8 @@ def _offered(offer) -> str:
     return f"offers {extensions}; {offer.tls or 'no TLS'}; mail goes by {offer.path}"
 
 
-def _check_store(cfg: Config) -> None:
+def _check_store(cfg: Config) -> str:
+    """Raises SendError if sends would fail on the store; else what the ok line adds."""
     url = cfg.idempotency_store
     path = sqlite_path(url)
     if path is not None:
@@ -114,13 +114,21 @@ def _check_store(cfg: Config) -> None:
             raise SendError("provider_down", "IDEMPOTENCY_STORE: this user cannot write the SQLite file "
                                              "or its directory; sends would answer 503")
     elif not url.startswith("memory://"):
-        store = open_store(url, cfg.idempotency_max_entries, cfg.sender_scope)
+        n = cfg.idempotency_wait_replicas
+        store = open_store(url, cfg.idempotency_max_entries, cfg.sender_scope, replicas=n)
         try:
             store.get("herald-smtp-check")
+            confirming = store.confirming_replicas() if n else 0
         except StoreUnavailable:
             raise SendError("provider_down", "idempotency store (Redis) unreachable; sends would answer 503") from None
         finally:
             store.close()
+        if confirming < n:
+            raise SendError("provider_down", f"IDEMPOTENCY_WAIT_REPLICAS is {n} but {confirming} Redis replica(s) "
+                                             "confirmed a write; sends with a key would answer 503")
+        return (f"; a key counts once {n} replica(s) have it (IDEMPOTENCY_WAIT_REPLICAS)" if n else
+                "; keys are not waited on a replica (IDEMPOTENCY_WAIT_REPLICAS=0)")
+    return ""
 
 
 def _send_test(cfg: Config, builder: MessageBuilder, transport: Transport, to: str) -> str:

@@ -140,3 +140,15 @@ def test_help_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "herald_smtp", "check", "--help"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--send-to ADDRESS" in proc.stdout
+
+
+def test_redis_without_the_replicas_wait_asks_for_fails(smtp_server, redis_url):
+    """The test Redis has no replica: with IDEMPOTENCY_WAIT_REPLICAS=1 every keyed send would be
+    503, and check says so; with 0 it says keys are not waited on a replica."""
+    status, lines = check({**smtp_server.env(), "IDEMPOTENCY_STORE": redis_url, "IDEMPOTENCY_WAIT_REPLICAS": "1"})
+    assert status == 1
+    assert lines[-1] == ("check failed: IDEMPOTENCY_WAIT_REPLICAS is 1 but 0 Redis replica(s) confirmed a write; "
+                         "sends with a key would answer 503")
+    status, lines = check({**smtp_server.env(), "IDEMPOTENCY_STORE": redis_url})
+    assert status == 0, lines
+    assert "ok: idempotency store usable; keys are not waited on a replica (IDEMPOTENCY_WAIT_REPLICAS=0)" in lines

@@ -97,6 +97,24 @@ class RedisStore:
     def _name(self, key):
         return self.prefix + hashlib.sha256(key.encode()).hexdigest()
 
+    def _node(self, name):
+        """The client of the node that holds `name`: on a Cluster, that node's own, since WAIT
+        has no key to route it by and must go down the connection that wrote."""
+        if self._cluster:
+            return self.client.get_redis_connection(self.client.get_node_from_key(name))
+        return self.client
+
+    def confirming_replicas(self) -> int:
+        """How many replicas confirm a write within WAIT_MAX, now (`check` asks)."""
+        name = self.prefix + "check"
+        pipe = self._node(name).pipeline(transaction=False)
+        pipe.set(name, "1", px=1000)
+        pipe.wait(max(self.replicas, 1), int(self.WAIT_MAX * 1000))
+        try:
+            return pipe.execute()[1]
+        except self._errors as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
     def _write(self, script, keys, args, deadline=None, replicate=True):
         """Run a script on the node that holds its keys: its reply, and whether `replicas`
         replicas confirmed it (True without WAIT)."""
@@ -105,9 +123,7 @@ class RedisStore:
             left = self.WAIT_MAX if deadline is None else deadline - time.monotonic()
             wait = int(max(self.WAIT_MIN, min(left, self.WAIT_MAX)) * 1000)
         for attempt in range(2):
-            # On a Cluster, the node's own client: WAIT has no key to route it by.
-            node = (self.client.get_redis_connection(self.client.get_node_from_key(keys[0])) if self._cluster
-                    else self.client)
+            node = self._node(keys[0])
             pipe = node.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             if wait is not None:
