@@ -17,9 +17,11 @@ class RedisProcesses:
     def __init__(self, directory):
         self.dir = directory
         self.procs = {}  # port -> Popen
+        self.args = {}  # port -> its redis-server arguments, for restart()
 
     def _start(self, port, args):
-        log = open(self.dir / f"redis-{port}.log", "w")
+        self.args[port] = args
+        log = open(self.dir / f"redis-{port}.log", "a")
         self.procs[port] = subprocess.Popen(["redis-server", *args], cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._pings(port), timeout=10)
         return port
@@ -82,6 +84,10 @@ class RedisProcesses:
     def kill(self, port):
         self.procs[port].kill()
         self.procs[port].wait()
+
+    def restart(self, port):
+        """A killed node back, as its supervisor would bring it (no data: nothing is saved)."""
+        return self._start(port, self.args[port])
 
     def stop(self):
         for proc in self.procs.values():
