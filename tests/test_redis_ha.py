@@ -265,3 +265,85 @@ def test_a_key_is_answered_only_once_a_replica_has_it(redis_procs, gunicorn, hel
     unsaved = [line for line in json_lines(g.log_path.read_text()) if line.get("idempotency_key") == "replica-lost-mid-send"]
     assert [(line["level"], line["event"].split(":")[0]) for line in unsaved if line["level"] == "error"] == \
         [("error", "idempotency record not saved")]
+
+
+def test_cluster_failover_forgets_no_answered_key_and_never_sends_twice(redis_procs, gunicorn, smtp_server):
+    """Three masters with a replica each; two service replicas under load with retries. The
+    store's slot moves to its replica by CLUSTER FAILOVER (planned), then its master is killed
+    and restarted (it rejoins as a replica)."""
+    nodes = [free_port() for _ in range(3)]
+    pairs = redis_procs.cluster(nodes, replicas=True)
+    env = smtp_server.env(IDEMPOTENCY_STORE="redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in nodes),
+                          SMTP_TIMEOUT_SECONDS="3")
+    tag = "{herald-smtp:" + load_config(env).sender_scope + "}"
+    a, b = gunicorn(env, workers=2, threads=4), gunicorn(env, workers=2, threads=4)
+
+    def owner():
+        slot = key_slot(tag.encode())
+        for start, end, (_, port, *_), *_ in redis.Redis(port=nodes[0]).execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return port
+        return None
+
+    load = Load([a, b])
+    safe, turbulent, figures = set(), {}, []
+    settled = 0.0
+    try:
+        for trigger in ("CLUSTER FAILOVER", "kill -9"):
+            old = owner()
+            replica = pairs[old] if old in pairs else next(m for m, r in pairs.items() if r == old)
+            time.sleep(2.0)
+            started = time.monotonic()
+            safe |= load.keys(lambda s, e: s > settled and e < started)
+            if trigger == "kill -9":
+                redis_procs.kill(old)
+            else:
+                redis.Redis(port=replica).execute_command("CLUSTER", "FAILOVER")
+            wait_for(lambda: _owner_elsewhere(nodes + list(pairs.values()), tag, old), timeout=30)
+            switched = time.monotonic() - started
+            if trigger == "kill -9":
+                redis_procs.restart(old)  # rejoins as the new master's replica
+
+            def recovered():
+                now = time.monotonic()
+                recent = {status for s, _, _, _, status, _ in list(load.answers) if s > now - 1.0}
+                return now > started + switched + 1.0 and recent == {200}
+            wait_for(recovered, timeout=40)
+            settled = time.monotonic()
+            turbulent[trigger] = load.keys(lambda s, e: e >= started and s <= settled)
+            window, failures = load.window(started)
+            figures.append(f"{trigger}: new master after {switched:.1f} s; {failures} answers 503/504 over {window:.1f} s")
+            pairs = {m: r for m, r in pairs.items() if m != old and r != old}
+            pairs[replica] = old  # the promoted replica is master now, the old master its replica
+    finally:
+        load.stop()
+
+    codes = collections.Counter((status, code) for *_, status, code in load.answers if status != 200)
+    assert set(codes) <= {(503, "provider_down"), (504, "timeout")}, codes
+    delivered = collections.Counter(m.rcpt_tos[0] for m in smtp_server.messages)
+    assert delivered == collections.Counter(f"user{n}@example.com" for n in load.done)
+    sent = len(smtp_server.messages)
+    keys = sorted(safe | set().union(*turbulent.values()))
+    with ThreadPoolExecutor(8) as pool:
+        retries = list(pool.map(lambda k: (a, b)[number(k) % 2].post(mail(number(k)), k), keys))
+    assert len(smtp_server.messages) == sent, figures  # no key answered 200 was sent again
+    assert {status for status, _ in retries} <= {200, 504}
+    figures.append(f"{len(keys)} keys answered 200 retried: {len(smtp_server.messages) - sent} sent again, "
+                   f"{[s for s, _ in retries].count(504)} still reserved (504)")
+    print("\ncluster failover: " + "; ".join(figures))
+
+
+def _owner_elsewhere(ports, tag, old):
+    """Some live node's slot map gives the tag's slot to a master other than `old`."""
+    slot = key_slot(tag.encode())
+    for port in ports:
+        if port == old:
+            continue
+        try:
+            for start, end, (_, master, *_), *_ in redis.Redis(port=port, socket_timeout=1).execute_command(
+                    "CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return master != old
+        except redis.RedisError:
+            continue
+    return False
