@@ -116,7 +116,8 @@ class SQLiteStore:
                        " error_message TEXT NOT NULL DEFAULT '', expires_at REAL NOT NULL)")
             self._adopt_clock(db)
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # some errors end the transaction themselves
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
