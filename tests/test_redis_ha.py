@@ -98,7 +98,9 @@ def test_sentinel_failover_forgets_no_answered_key_and_never_sends_twice(redis_p
     sentinels = [redis_procs.sentinel(first) for _ in range(3)]
     sentinels_ready(sentinels[:1], quorum=False)  # enough for SENTINEL FAILOVER, the first event
     url = f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in sentinels)}/{MASTER_NAME}"
-    env = smtp_server.env(IDEMPOTENCY_STORE=url, SMTP_TIMEOUT_SECONDS="3")
+    # The default deadline is 30 s; 10 is enough for a completion cut off by the crash to reach
+    # the new master and its replica.
+    env = smtp_server.env(IDEMPOTENCY_STORE=url, SMTP_TIMEOUT_SECONDS="10")
     a, b = gunicorn(env, workers=2, threads=4), gunicorn(env, workers=2, threads=4)
     load = Load([a, b])
     safe, turbulent, figures = set(), {}, []
@@ -274,7 +276,7 @@ def test_cluster_failover_forgets_no_answered_key_and_never_sends_twice(redis_pr
     nodes = [free_port() for _ in range(3)]
     pairs = redis_procs.cluster(nodes, replicas=True)
     env = smtp_server.env(IDEMPOTENCY_STORE="redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in nodes),
-                          SMTP_TIMEOUT_SECONDS="3")
+                          SMTP_TIMEOUT_SECONDS="10")
     tag = "{herald-smtp:" + load_config(env).sender_scope + "}"
     a, b = gunicorn(env, workers=2, threads=4), gunicorn(env, workers=2, threads=4)
 

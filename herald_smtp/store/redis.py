@@ -197,12 +197,18 @@ class RedisStore:
                            [token, state, mid, code, msg, int(keep * 1000)], deadline, replicate)[1]
 
     def complete(self, key, token, message_id, ttl, deadline=None):
-        # Until a replica has it, a failover could forget the success. The sentinels may be moving
-        # the master right now: while the deadline allows, write it again (to the new master, once
-        # the client follows it; the script is the same for a second run).
-        while not self._settle(key, token, DONE, ttl, mid=message_id, deadline=deadline):
+        # Until a replica has it, a failover could forget the success. The master may be failing
+        # over right now: while the deadline allows, write it again (to the new master, once the
+        # client finds it; the script is the same for a second run).
+        while True:
+            try:
+                if self._settle(key, token, DONE, ttl, mid=message_id, deadline=deadline):
+                    return
+                error = NotReplicated("no replica confirmed the completion")
+            except self._errors as e:
+                error = e
             if deadline is None or time.monotonic() + self.WAIT_MIN >= deadline:
-                raise NotReplicated("no replica confirmed the completion")
+                raise error
             time.sleep(self.WAIT_MIN)
 
     def fail(self, key, token, code, message):
