@@ -21,6 +21,14 @@ from email.utils import format_datetime
 
 from email_validator import EmailNotValidError, validate_email
 
+# email-validator's own domain check (length, characters, UTS-46, IDNA), remembered per domain:
+# a few domains take most mail and the check costs ~20 us each time. The same function decides;
+# a refusal raises, so it is never remembered and an invalid domain is checked (and refused) anew.
+_validator = sys.modules["email_validator.validate_email"]
+if not hasattr(_validator.validate_email_domain_name, "cache_info"):
+    _validator.validate_email_domain_name = functools.lru_cache(maxsize=1024)(_validator.validate_email_domain_name)
+domain_check = _validator.validate_email_domain_name
+
 from ..config import Config, has_control_chars
 from ..errors import SendError
 
