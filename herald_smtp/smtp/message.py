@@ -22,16 +22,16 @@ from email.utils import format_datetime
 
 from email_validator import EmailNotValidError, validate_email
 
+from ..config import Config, has_control_chars
+from ..errors import SendError
+
 # email-validator's own domain check (length, characters, UTS-46, IDNA), remembered per domain:
 # a few domains take most mail and the check costs ~20 us each time. The same function decides;
 # a refusal raises, so it is never remembered and an invalid domain is checked (and refused) anew.
-_validator = sys.modules["email_validator.validate_email"]
+_validator = sys.modules["email_validator.validate_email"]  # where validate_email looks it up (pinned 2.4.0)
 if not hasattr(_validator.validate_email_domain_name, "cache_info"):
     _validator.validate_email_domain_name = functools.lru_cache(maxsize=1024)(_validator.validate_email_domain_name)
 domain_check = _validator.validate_email_domain_name
-
-from ..config import Config, has_control_chars
-from ..errors import SendError
 
 DEFAULT_SUBJECT = "Verification code"
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit, the contract's bound for a subject
