@@ -13,7 +13,7 @@ worker class (herald_smtp.http.worker.ThreadWorker) for both:
 wrk (bench/send.lua) drives each on keep-alive connections; the worker process's CPU time
 (/proc/<pid>/stat, user + system) over the measured run, divided by the requests answered, is its
 CPU per request. Variants run back to back in each round, order rotating; the ratio is computed
-within a round, and the median of the rounds' ratios is the figure. `make bench` calls measure().
+within a round, and the median of the rounds' ratios is the figure. measure() returns the figures (for make bench).
 Run it under the CPU lock on a shared machine: `flock /tmp/herald-cpu.lock .venv/bin/python bench/cpu_cost.py`.
 """
 
