@@ -36,6 +36,7 @@ from gunicorn.http import errors as gerrors
 from gunicorn.http.message import Request
 from gunicorn.workers import gthread
 
+from .. import logs
 from ..config import server_config
 
 # Per worker. Connections waiting for a request (kept alive between requests, or a request under
@@ -365,6 +366,8 @@ class ThreadWorker(gthread.ThreadWorker):
     # -- the main loop --------------------------------------------------------------------
 
     def run(self):
+        # A sent mail's fields go on its access line when our logger writes one (logs.send_fields).
+        self.merged_lines = isinstance(self.log, logs.GunicornLogger) and self.log.access_log_enabled
         self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
         for listener in self.sockets:
             listener.setblocking(False)
@@ -613,6 +616,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def serve(self, req, conn):
         """gthread's handle_request (environ, app, access log), answering into memory."""
         out = _Output()
+        carries = logs.access_carries_send(self.merged_lines)
         try:
             keep = self.handle_request(req, _Peer(out, conn.client, conn.server))
         except StopIteration:  # failed after the answer started: what was written goes, then close
@@ -620,6 +624,8 @@ class ThreadWorker(gthread.ThreadWorker):
         except Exception as e:
             self.handle_error(req, out, conn.client, e)  # gunicorn's: logged, a 500
             keep = False
+        finally:
+            logs.access_carries_send_reset(carries)
         return b"".join(out.parts), keep
 
     # -- writing the answer ---------------------------------------------------------------
