@@ -149,12 +149,18 @@ def worker_connections(master: int, port: int) -> list:
     return sorted(counts, reverse=True)
 
 
-def piled_up(connections: list, threads: int) -> bool:
-    """Stock gthread's keep-alive pile-up: a worker holds more connections than it has threads
-    (their requests wait for one) while another worker has threads with nothing to do; at worst,
-    every connection on one worker. Latency-bound runs (through the relay) lose throughput in
-    proportion; CPU-bound ones (loopback) mostly when one worker is left with none or almost none."""
-    return len(connections) > 1 and connections[0] > threads and connections[-1] < threads
+def piled_up(connections: list, strict: bool) -> bool:
+    """Stock gthread's keep-alive pile-up. wrk opens all its connections at once, and whichever
+    worker wakes first accepts most of them: a run split that way measures the split, so it is
+    started again. On loopback (CPU-bound: a worker with a few connections keeps its CPU busy) when
+    a worker holds under a quarter of its fair share, every connection on one worker at worst;
+    through the relay (`strict`: each request waits ~13 round trips, on a thread) when a worker
+    holds more than its fair share (with workers x threads connections, more than its threads:
+    their requests wait for one) while another has threads idle."""
+    if len(connections) < 2:
+        return False
+    fair = sum(connections) / len(connections)
+    return connections[0] > fair if strict else connections[-1] < fair / 4
 
 
 def shares_text(shares: list) -> str:
@@ -278,7 +284,6 @@ def prepare(args):
     cfg = load_config({k: v for k, v in os.environ.items() if k in ("WEB_CONCURRENCY", "WEB_THREADS")})
     workers, threads = cfg.web_concurrency, cfg.web_threads
     args.connections = args.connections or workers * threads
-    args.threads = threads
     return workers, threads, bench_env(workers, threads)
 
 
@@ -292,22 +297,40 @@ def bench_env(workers: int, threads: int) -> dict:
     return env
 
 
-def wrk(url: str, seconds: float, connections: int, server=None) -> dict:
-    """One wrk run; with `server` (a Gunicorn), how its workers held the connections a second in
-    (keep-alive: each connection stays with the worker that accepted it for the whole run)."""
+def wrk(url: str, seconds: float, connections: int, server=None, snapshot=dict, restarts=0, strict=False) -> dict:
+    """One wrk run. With `server` (a Gunicorn), also how its workers hold the connections, read as
+    soon as all are accepted (keep-alive: each stays with the worker that accepted it for the whole
+    run); a stock gthread server that piled them up (piled_up) has the run started again at once,
+    up to `restarts` times (after a second's pause, so that every worker waits in accept() again):
+    "restarted" lists the splits left behind. `snapshot()` is called just
+    before the run that counts starts: its value is returned as "before"."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(BENCH / "send.lua"),
            url + "/v1/send", "--", uuid.uuid4().hex[:12], API_KEY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    held = None
-    if server is not None:
-        time.sleep(min(1.0, seconds / 2))
-        held = server.connections()
+    held, restarted = None, []
+    while True:
+        before = snapshot()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if server is None:
+            break
+        deadline = time.monotonic() + 2.0
+        while True:
+            time.sleep(0.1)
+            held = server.connections()
+            if sum(held) >= connections or time.monotonic() > deadline:
+                break
+        if server.target not in STOCK_GTHREAD or len(restarted) >= restarts or not piled_up(held, strict):
+            break
+        proc.kill()
+        proc.communicate()
+        restarted.append(held)
+        time.sleep(1.0)
     out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err.strip()}")
     r = json.loads(next(line[6:] for line in out.splitlines() if line.startswith("BENCH ")))
     return {"requests": r["requests"], "rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
-            "p99_ms": r["p99_us"] / 1000, "wrk_errors": r["non_2xx"] + r["socket_errors"], "connections": held}
+            "p99_ms": r["p99_us"] / 1000, "wrk_errors": r["non_2xx"] + r["socket_errors"], "connections": held,
+            "restarted": restarted, "before": before}
 
 
 def throughput(target: str, args, workdir: Path, env: dict) -> dict:
@@ -316,8 +339,9 @@ def throughput(target: str, args, workdir: Path, env: dict) -> dict:
         server = Gunicorn(target, sink.port, workdir, env)
         try:
             wrk(server.url, args.warmup, args.connections)
-            cpu, workers = (server.cpu(), sink.cpu()), workers_cpu(server.proc.pid)
-            result = wrk(server.url, args.duration, args.connections, server)
+            result = wrk(server.url, args.duration, args.connections, server, restarts=args.restarts,
+                         snapshot=lambda: ((server.cpu(), sink.cpu()), workers_cpu(server.proc.pid)))
+            cpu, workers = result.pop("before")
             result["worker_shares"] = worker_shares(workers, workers_cpu(server.proc.pid))
             # CPU per request holds up on a busy machine better than requests/s does.
             result["server_cpu_us"] = (server.cpu() - cpu[0]) / result["requests"] * 1e6
@@ -358,23 +382,15 @@ def balance(args, workdir: Path, env: dict) -> dict:
 
 
 def measure(target: str, when: str, args, workdir: Path, env: dict, run=None) -> dict:
-    """throughput() (or `run`), saying what runs and what it gave, the workers' CPU shares and
-    connections with it. A stock gthread peer that left every connection on one worker served
-    with half its threads: that run is measured again (up to args.remeasure times), and says so."""
+    """throughput() (or `run`), saying what runs and what it gave: the workers' CPU shares, the
+    connections each held, and the starts measured again because stock gthread piled them up."""
     run = run or throughput
     print(f"{run.__name__}{' ' + when if when else ''}: {LABELS[target]}", flush=True)
-    remeasured = []
-    while True:
-        result = run(target, args, workdir, env)
-        held = result.get("connections") or []
-        print(f"  {result['rps']:.0f} req/s; workers' CPU shares: {shares_text(result['worker_shares'])}; "
-              f"connections per worker: {' / '.join(map(str, held)) or '?'}", flush=True)
-        if target not in STOCK_GTHREAD or not piled_up(held, args.threads) or len(remeasured) >= args.remeasure:
-            break
-        remeasured.append({"rps": result["rps"], "connections": held})
-        print(f"  stock gthread left {held[0]} connections on one worker with {args.threads} threads, "
-              f"{held[-1]} on another: measured again", flush=True)
-    result["remeasured"] = remeasured
+    result = run(target, args, workdir, env)
+    for held in result["restarted"]:
+        print(f"  stock gthread piled the connections up ({' / '.join(map(str, held))}): started again", flush=True)
+    print(f"  {result['rps']:.0f} req/s; workers' CPU shares: {shares_text(result['worker_shares'])}; "
+          f"connections per worker: {' / '.join(map(str, result['connections'] or [])) or '?'}", flush=True)
     return result
 
 
@@ -430,8 +446,9 @@ class Relay:
             wrk(server.url, args.warmup, args.relay_connections)
             time.sleep(0.3)  # the warm-up's last requests finish their sends
             mail, postfix_cpu = self.delivered(), self.cpu()
-            cpu, workers = server.cpu(), workers_cpu(server.proc.pid)
-            result = wrk(server.url, args.relay_duration, args.relay_connections, server)
+            result = wrk(server.url, args.relay_duration, args.relay_connections, server, restarts=args.restarts,
+                         strict=True, snapshot=lambda: (server.cpu(), workers_cpu(server.proc.pid)))
+            cpu, workers = result.pop("before")
             result["server_cpu_us"] = (server.cpu() - cpu) / result["requests"] * 1e6
             result["worker_shares"] = worker_shares(workers, workers_cpu(server.proc.pid))
             time.sleep(0.3)
@@ -566,7 +583,7 @@ def median_of(rounds):
     merged["rounds_rps"] = [round(r["rps"]) for r in rounds]
     merged["rounds_shares"] = [r["worker_shares"] for r in rounds]
     merged["rounds_connections"] = [r.get("connections") for r in rounds]
-    merged["rounds_remeasured"] = [r.get("remeasured") or [] for r in rounds]
+    merged["rounds_restarted"] = [r.get("restarted") or [] for r in rounds]
     return merged
 
 
@@ -575,10 +592,9 @@ def run_text(r: dict, i: int) -> str:
     held = r["rounds_connections"][i]
     text = f"{r['rounds_rps'][i]} ({shares_text(r['rounds_shares'][i])}" + \
         (f"; connections {' / '.join(map(str, held))})" if held else ")")
-    again = r["rounds_remeasured"][i]
+    again = r["rounds_restarted"][i]
     if again:
-        text += "; measured again after " + ", ".join(
-            f"{x['rps']:.0f} with connections {' / '.join(map(str, x['connections']))}" for x in again)
+        text += f"; started again after {len(again)} piled up: " + ", ".join(" / ".join(map(str, x)) for x in again)
     return text
 
 
@@ -607,7 +623,9 @@ def render(results, args, workers, threads) -> str:
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_us'] / 1000:.2f} | "
                          f"{r['sink_cpu_us'] / 1000:.2f} | {r['non_2xx'] + r['wrk_errors']} | {r['ok']} | "
                          f"{r['delivered']} |")
-        lines += [""] + table("Each round's mails/s (the workers' CPU shares; connections each worker held).",
+        lines += [""] + table("Each round's mails/s (the workers' CPU shares; connections each worker held). A stock "
+                              "gthread run that left a worker more connections than its threads while another had "
+                              "fewer is started again at once.",
                               ["round", LABELS["herald"], LABELS["flaskmail"], "herald-smtp / Flask-Mail"])
         for i, ratio in enumerate(results["relay_vs_flaskmail"]):
             lines.append(f"| {i + 1} | {run_text(rel['herald'], i)} | {run_text(rel['flaskmail'], i)} | "
@@ -649,7 +667,7 @@ def render(results, args, workers, threads) -> str:
         lines += [""] + table("Each run's req/s, workers' CPU shares (each worker's part of the CPU the workers "
                               "used in the measured run, busiest first; UNEVEN: one worker did more than twice the "
                               "mean of the others) and connections each worker held. A stock gthread run that left a worker more "
-                              "connections than threads while another had fewer is measured again.",
+                              "connections than its fair share while another had fewer is started again at once.",
                               ["round", *(LABELS[k] for k in ROUNDS), "herald-smtp / Flask-Mail"])
         ratios = results["vs_flaskmail"]
         for i, ratio in enumerate(ratios):
@@ -751,8 +769,8 @@ def main():
                         help="interleaved rounds through Postfix with STARTTLS and AUTH (5)")
     parser.add_argument("--relay-duration", type=int, default=8, help="seconds per measured relay run (8)")
     parser.add_argument("--relay-connections", type=int, default=16, help="wrk connections through Postfix (16)")
-    parser.add_argument("--remeasure", type=int, default=3,
-                        help="times a stock gthread run with every connection on one worker is measured again (3)")
+    parser.add_argument("--restarts", type=int, default=20,
+                        help="times a stock gthread run that piled its connections up is started again (20)")
     parser.add_argument("--cpu-rounds", type=int, default=5, help="rounds of the CPU per keyed request (5)")
     parser.add_argument("--only", choices=["relay", "throughput", "latency", "balance", "cpu"], help="run one mode")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where latest.md and latest.json go")
