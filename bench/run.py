@@ -149,18 +149,15 @@ def worker_connections(master: int, port: int) -> list:
     return sorted(counts, reverse=True)
 
 
-def piled_up(connections: list, strict: bool) -> bool:
-    """Stock gthread's keep-alive pile-up. wrk opens all its connections at once, and whichever
-    worker wakes first accepts most of them: a run split that way measures the split, so it is
-    started again. On loopback (CPU-bound: a worker with a few connections keeps its CPU busy) when
-    a worker holds under a quarter of its fair share, every connection on one worker at worst;
-    through the relay (`strict`: each request waits ~13 round trips, on a thread) when a worker
-    holds more than its fair share (with workers x threads connections, more than its threads:
-    their requests wait for one) while another has threads idle."""
+def piled_up(connections: list) -> bool:
+    """Stock gthread's keep-alive pile-up: a worker holds under a quarter of its fair share of the
+    connections (16 / 0 or 15 / 1 with 2 workers), every connection on one worker at worst. wrk
+    opens all its connections at once and whichever worker wakes first accepts most of them; such
+    a run measures the split, not the app, so it is started again. Milder splits are kept (and
+    shown): they are what stock gthread gives its users."""
     if len(connections) < 2:
         return False
-    fair = sum(connections) / len(connections)
-    return connections[0] > fair if strict else connections[-1] < fair / 4
+    return connections[-1] < sum(connections) / len(connections) / 4
 
 
 def shares_text(shares: list) -> str:
@@ -297,7 +294,7 @@ def bench_env(workers: int, threads: int) -> dict:
     return env
 
 
-def wrk(url: str, seconds: float, connections: int, server=None, snapshot=dict, restarts=0, strict=False) -> dict:
+def wrk(url: str, seconds: float, connections: int, server=None, snapshot=dict, restarts=0) -> dict:
     """One wrk run. With `server` (a Gunicorn), also how its workers hold the connections, read as
     soon as all are accepted (keep-alive: each stays with the worker that accepted it for the whole
     run); a stock gthread server that piled them up (piled_up) has the run started again at once,
@@ -318,7 +315,7 @@ def wrk(url: str, seconds: float, connections: int, server=None, snapshot=dict, 
             held = server.connections()
             if sum(held) >= connections or time.monotonic() > deadline:
                 break
-        if server.target not in STOCK_GTHREAD or len(restarted) >= restarts or not piled_up(held, strict):
+        if server.target not in STOCK_GTHREAD or len(restarted) >= restarts or not piled_up(held):
             break
         proc.kill()
         proc.communicate()
@@ -447,7 +444,7 @@ class Relay:
             time.sleep(0.3)  # the warm-up's last requests finish their sends
             mail, postfix_cpu = self.delivered(), self.cpu()
             result = wrk(server.url, args.relay_duration, args.relay_connections, server, restarts=args.restarts,
-                         strict=True, snapshot=lambda: (server.cpu(), workers_cpu(server.proc.pid)))
+                         snapshot=lambda: (server.cpu(), workers_cpu(server.proc.pid)))
             cpu, workers = result.pop("before")
             result["server_cpu_us"] = (server.cpu() - cpu) / result["requests"] * 1e6
             result["worker_shares"] = worker_shares(workers, workers_cpu(server.proc.pid))
@@ -624,8 +621,8 @@ def render(results, args, workers, threads) -> str:
                          f"{r['sink_cpu_us'] / 1000:.2f} | {r['non_2xx'] + r['wrk_errors']} | {r['ok']} | "
                          f"{r['delivered']} |")
         lines += [""] + table("Each round's mails/s (the workers' CPU shares; connections each worker held). A stock "
-                              "gthread run that left a worker more connections than its threads while another had "
-                              "fewer is started again at once.",
+                              "gthread run that left a worker under a quarter of its fair share of the connections "
+                              "is started again at once.",
                               ["round", LABELS["herald"], LABELS["flaskmail"], "herald-smtp / Flask-Mail"])
         for i, ratio in enumerate(results["relay_vs_flaskmail"]):
             lines.append(f"| {i + 1} | {run_text(rel['herald'], i)} | {run_text(rel['flaskmail'], i)} | "
@@ -666,8 +663,8 @@ def render(results, args, workers, threads) -> str:
                          f"{r['p99_ms']:.1f} | {r['non_2xx']} | {r['ok']} | {sink} | {cpu} |")
         lines += [""] + table("Each run's req/s, workers' CPU shares (each worker's part of the CPU the workers "
                               "used in the measured run, busiest first; UNEVEN: one worker did more than twice the "
-                              "mean of the others) and connections each worker held. A stock gthread run that left a worker more "
-                              "connections than its fair share while another had fewer is started again at once.",
+                              "mean of the others) and connections each worker held. A stock gthread run that left a worker under a "
+                              "quarter of its fair share of the connections is started again at once.",
                               ["round", *(LABELS[k] for k in ROUNDS), "herald-smtp / Flask-Mail"])
         ratios = results["vs_flaskmail"]
         for i, ratio in enumerate(ratios):
@@ -762,12 +759,12 @@ def main():
     parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
     parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
     parser.add_argument("--delay-ms", type=float, default=10, help="SMTP reply delay in latency mode (10)")
-    parser.add_argument("--balance-runs", type=int, default=10,
-                        help="wrk runs at each of 4, 8 and 16 connections for the workers' balance (10)")
+    parser.add_argument("--balance-runs", type=int, default=5,
+                        help="wrk runs at each of 4, 8 and 16 connections for the workers' balance (5)")
     parser.add_argument("--balance-seconds", type=float, default=3, help="seconds per balance run (3)")
     parser.add_argument("--relay-rounds", type=int, default=5,
                         help="interleaved rounds through Postfix with STARTTLS and AUTH (5)")
-    parser.add_argument("--relay-duration", type=int, default=8, help="seconds per measured relay run (8)")
+    parser.add_argument("--relay-duration", type=int, default=6, help="seconds per measured relay run (6)")
     parser.add_argument("--relay-connections", type=int, default=16, help="wrk connections through Postfix (16)")
     parser.add_argument("--restarts", type=int, default=20,
                         help="times a stock gthread run that piled its connections up is started again (20)")
