@@ -51,7 +51,10 @@ TARGETS = {"herald": "app:app", "baseline": "bench.apps:baseline", "flaskmail": 
 # The apps a Flask user would run instead are served as such a user serves them: gunicorn's stock
 # gthread worker (same workers and threads, same gunicorn.conf.py otherwise).
 STOCK_GTHREAD = ("baseline", "flaskmail")
-ROUNDS = ("herald", "baseline", "flaskmail")  # measured in interleaved rounds; the ceilings run once
+# Measured in rounds, back to back, the order alternating, so that each round's ratio compares two
+# neighbouring runs; the connection-per-send app by hand and the ceilings run once.
+ROUNDS = ("herald", "flaskmail")
+APPS = ("herald", "baseline", "flaskmail")
 LABELS = {"herald": "herald-smtp", "herald-data": "herald-smtp, server without CHUNKING", "baseline": "baseline: connection per send", "flaskmail": "baseline: Flask-Mail",
           "bare": "HTTP ceiling: bare Flask JSON", "smtp": "SMTP ceiling: smtplib, open connections"}
 
@@ -649,13 +652,13 @@ def render(results, args, workers, threads) -> str:
     if t:
         base = t["baseline"]["rps"]
         lines += table(f"Loopback: wrk -t1 -c{args.connections}, {args.duration:g} s per run after "
-                       f"{args.warmup:g} s warm-up, median of {args.rounds} interleaved rounds (order rotating); "
+                       f"{args.warmup:g} s warm-up, median of {args.rounds} rounds of herald-smtp and Flask-Mail back to back (order alternating), the others once; "
                        f"gunicorn {workers} workers x {threads} threads (herald-smtp and the bare endpoint on "
                        f"herald-smtp's worker class, the connection-per-send apps on stock gthread); no TLS, no "
                        f"AUTH; Postfix's smtp-sink on loopback.",
                        ["target", "req/s", "vs connection per send", "p50 ms", "p99 ms", "non-2xx", "200s answered",
                         "sink counted", "CPU us/req (+ sink)"])
-        for key in (*ROUNDS, "bare", "smtp"):
+        for key in (*APPS, "bare", "smtp"):
             r = t[key]
             sink = "-" if r["delivered"] is None else str(r["delivered"])
             cpu = f"{r['server_cpu_us']:.0f}" + ("" if r["sink_cpu_us"] is None else f" (+ {r['sink_cpu_us']:.0f})")
@@ -671,8 +674,7 @@ def render(results, args, workers, threads) -> str:
             lines.append(f"| {i + 1} | " + " | ".join(run_text(t[k], i) for k in ROUNDS) + f" | {ratio:.2f}x |")
         lines.append("| median | " + " | ".join(f"{t[k]['rps']:.0f}" for k in ROUNDS) +
                      f" | {statistics.median(ratios):.2f}x |")
-        lines += ["", f"{LABELS['bare']}, one run: workers' CPU shares {shares_text(t['bare']['rounds_shares'][0])}.",
-                  ""]
+        lines += [""] + [f"{LABELS[k]}, one run: {run_text(t[k], 0)}." for k in ("baseline", "bare")] + [""]
     if lat:
         b50 = lat["baseline"]["p50_ms"]
         lines += table(f"Latency: {args.requests} sequential requests (after {args.warmup_requests} warm-up), "
@@ -680,7 +682,7 @@ def render(results, args, workers, threads) -> str:
                        f"gunicorn {workers} workers x {threads} threads.",
                        ["target", "p50 ms", "p99 ms", "p50 round trips", "p99 round trips",
                         "p50 vs connection per send", "SMTP waits per mail", "non-2xx"])
-        for key in (*ROUNDS, "herald-data"):
+        for key in (*APPS, "herald-data"):
             r = lat[key]
             lines.append(f"| {LABELS[key]} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_rt']:.2f} | "
                          f"{r['p99_rt']:.2f} | {r['p50_ms'] / b50:.2f}x | {r['smtp_waits_per_mail']:.2f} | "
@@ -753,8 +755,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (8)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (2)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds of herald-smtp and both baselines (5)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="loopback rounds of herald-smtp and the Flask-Mail app (7)")
     parser.add_argument("--connections", type=int, default=0, help="wrk connections (workers x threads)")
     parser.add_argument("--requests", type=int, default=200, help="sequential requests in latency mode (200)")
     parser.add_argument("--warmup-requests", type=int, default=20, help="unmeasured requests first (20)")
@@ -797,11 +799,12 @@ def main():
                 print(f"round {i + 1}/{args.rounds}: herald-smtp / Flask-Mail {results['vs_flaskmail'][-1]:.2f}x",
                       flush=True)
             results["throughput"] = {k: median_of(v) for k, v in rounds.items()}
-            results["throughput"]["bare"] = median_of([measure("bare", "", args, workdir, env)])
+            for target in ("baseline", "bare"):
+                results["throughput"][target] = median_of([measure(target, "", args, workdir, env)])
             print(f"throughput: {LABELS['smtp']}", flush=True)
             results["throughput"]["smtp"] = smtp_ceiling(args, workdir, workers, threads)
         if args.only in (None, "latency"):
-            for target in ROUNDS:
+            for target in APPS:
                 print(f"latency: {LABELS[target]}", flush=True)
                 results["latency"][target] = latency(target, args, workdir, env)
             print(f"latency: {LABELS['herald-data']}", flush=True)
