@@ -732,13 +732,9 @@ def targets(results):
 
 
 def cpu_cost(args):
-    """CPU per keyed request against a bare Flask endpoint on the same worker class:
-    bench/cpu_cost.py's measure(), when that file is there; None (and a line saying so) otherwise."""
-    try:
-        from bench import cpu_cost as module
-    except ImportError:
-        print("cpu: bench/cpu_cost.py is not here; CPU per keyed request not measured", flush=True)
-        return None
+    """CPU per keyed request against a bare Flask endpoint on the same worker class
+    (bench/cpu_cost.py, which imports this module's helpers: imported here, not at the top)."""
+    from bench import cpu_cost as module
     print("cpu: CPU per keyed request against the bare endpoint (bench/cpu_cost.py)", flush=True)
     result = module.measure(rounds=args.cpu_rounds, log=print)
     result["table"] = module.render(result)
