@@ -51,9 +51,11 @@ load: install
 	HERALD_LOAD_REQUESTS=$(LOAD_REQUESTS) HERALD_LOAD_CLIENTS=$(LOAD_CLIENTS) \
 	$(BIN)/python -m pytest -q -s -p no:logging tests/test_load.py $(PYTEST_ARGS)
 
-# herald-smtp against two connection-per-send apps (by hand, and Flask-Mail), side by side (a few
-# minutes; not a test). Needs wrk and Postfix's smtp-sink: as root it installs them with apt-get
-# when missing, otherwise it prints the command to run. Options: BENCH_ARGS=--help.
+# herald-smtp against the apps a Flask user would write instead (Flask-Mail, and smtplib by hand),
+# side by side: through a private Postfix with STARTTLS and AUTH behind a 10 ms-per-reply proxy, then
+# on loopback (about 10 minutes; not a test). Needs wrk, Postfix and sasl2-bin, and root for the
+# private Postfix: as root it installs them with apt-get when missing, otherwise it prints the
+# command to run (and, without root, skips the Postfix table). Options: BENCH_ARGS=--help.
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

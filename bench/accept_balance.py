@@ -6,7 +6,7 @@ accepts and holds connections (no HTTP), as gunicorn's workers would:
   reuseport    a listening socket per process with SO_REUSEPORT: the kernel hashes each
                connection to one of them;
   least-loaded one shared socket, and a process accepts only while no other holds fewer
-               connections (herald_smtp.http.worker.LoadBoard), else lets the other take it
+               connections, by more than an eighth (herald_smtp.http.worker.LoadBoard), else lets the other take it
                for ACCEPT_YIELD before taking it itself (looking again every PAUSED_POLL).
 For each: 10 bursts of 4, 8 and 16 connections opened at once (how many runs split unevenly:
 one process holding more than twice the other's), then 2000 connections opened as fast as one

@@ -7,7 +7,10 @@ EmailMessage. No validation, idempotency store or app logging: less work than ou
 flaskmail: the same relay written with Flask-Mail as its docs show (`Mail(app)`, `Message(...)`,
 `mail.send(msg)`): the peer a user would pick, also one SMTP connection per send, the message
 built with email.mime. It checks X-API-Key as Herald's requests need; a failed send is Flask's
-plain 500, not the contract's envelope (the benchmark never sees one).
+plain 500, not the contract's envelope (the benchmark never sees one). With SMTP_USE_STARTTLS=true
+it does what Flask-Mail does per mail (MAIL_USE_TLS, MAIL_USERNAME): connect, EHLO, STARTTLS, EHLO,
+AUTH, then the mail; its STARTTLS verifies the server against SMTP_CA_FILE (Flask-Mail's own
+starttls() takes no context and verifies nothing, so a user who wants it overrides configure_host).
 bare: the same route answering without sending, the HTTP ceiling of this gunicorn setup.
 floor(writes): herald-smtp itself, its SQLite store cut down to the bare writes of a new key
 (bench/idempotency_bench.py --floor): what any store of this layout costs before its own logic;
@@ -17,12 +20,13 @@ floor(0) writes nothing, which leaves what a key costs outside the store (finger
 import hmac
 import os
 import smtplib
+import ssl
 import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from flask import Flask, request
-from flask_mail import Mail, Message
+from flask_mail import Connection, Mail, Message
 
 from herald_smtp import create_app
 from herald_smtp.store.base import NEW
@@ -32,6 +36,7 @@ SMTP_HOST = os.environ.get("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = int(os.environ.get("SMTP_PORT", "25"))
 SMTP_FROM = os.environ.get("SMTP_FROM", "noreply@example.com")
 API_KEY = os.environ.get("API_KEY", "")
+STARTTLS = os.environ.get("SMTP_USE_STARTTLS", "false").lower() == "true"
 
 
 def _app():
@@ -43,8 +48,31 @@ def _app():
 baseline = _app()
 bare = _app()
 flaskmail = _app()
-flaskmail.config.update(MAIL_SERVER=SMTP_HOST, MAIL_PORT=SMTP_PORT, MAIL_DEFAULT_SENDER=SMTP_FROM)
-mail = Mail(flaskmail)
+flaskmail.config.update(MAIL_SERVER=SMTP_HOST, MAIL_PORT=SMTP_PORT, MAIL_DEFAULT_SENDER=SMTP_FROM, MAIL_USE_TLS=STARTTLS,
+                        MAIL_USERNAME=os.environ.get("SMTP_USER") or None,
+                        MAIL_PASSWORD=os.environ.get("SMTP_PASSWORD") or None)
+
+
+class VerifyingConnection(Connection):
+    """Flask-Mail's connection, its STARTTLS verifying the server's certificate."""
+
+    context = ssl.create_default_context(cafile=os.environ.get("SMTP_CA_FILE") or None)
+
+    def configure_host(self):
+        host = smtplib.SMTP(self.mail.server, self.mail.port)
+        if self.mail.use_tls:
+            host.starttls(context=self.context)
+        if self.mail.username and self.mail.password:
+            host.login(self.mail.username, self.mail.password)
+        return host
+
+
+class VerifyingMail(Mail):
+    def connect(self):
+        return VerifyingConnection(self.app.extensions["mail"])
+
+
+mail = VerifyingMail(flaskmail)
 
 
 @baseline.post("/v1/send")

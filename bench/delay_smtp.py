@@ -1,10 +1,17 @@
-"""An SMTP sink whose every reply arrives a set time after the command that caused it.
+"""An SMTP sink whose every reply arrives a set time after the command that caused it, or a
+proxy that delays a real server's replies the same way.
 
 `python bench/delay_smtp.py PORT DELAY_MS [chunking]`. It models a relay across a WAN: the delay
 is on the wire, not in the server, so commands the client pipelines (RFC 2920; PIPELINING is
 offered) are answered together one delay later, and the number of waits the client makes is the
 number of round trips. With `chunking` it offers CHUNKING (RFC 3030) too and takes BDAT. On SIGTERM it prints {"sessions", "messages", "turns"} as one JSON line: a turn
 is one such wait (the greeting, or a batch of commands read at once).
+
+`python bench/delay_smtp.py PORT DELAY_MS proxy UPSTREAM_PORT`: a TCP proxy to 127.0.0.1:UPSTREAM_PORT
+(a private Postfix) that passes every byte from the server on DELAY_MS after it arrived, in order,
+and the client's at once. It cannot read the session (STARTTLS encrypts it), so it delays whatever
+the server writes, TLS handshake included: each reply, and each handshake flight, is one round trip
+later. On SIGTERM it prints {"sessions", "turns"}: a turn is one read from the server.
 """
 
 import asyncio
@@ -90,9 +97,74 @@ class DelayedSMTP(asyncio.Protocol):
                 self.transport.close()
 
 
-async def main(port: int, delay: float, chunking: bool):
+class DelayProxy(asyncio.Protocol):
+    """One client connection, passed on to the upstream server; the server's bytes are delayed."""
+
+    def __init__(self, delay: float, upstream_port: int):
+        self.delay, self.upstream_port = delay, upstream_port
+        self.early = []  # what the client sent before the upstream connection was made
+        self.upstream = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        stats["sessions"] += 1
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self):
+        loop = asyncio.get_running_loop()
+        try:
+            _, self.upstream = await loop.create_connection(lambda: _Upstream(self), "127.0.0.1", self.upstream_port)
+        except OSError:
+            self.transport.close()
+            return
+        if self.transport.is_closing():  # the client left meanwhile
+            self.upstream.closing = True
+            self.upstream.transport.close()
+            return
+        for data in self.early:
+            self.upstream.transport.write(data)
+        self.early = None
+
+    def data_received(self, data):
+        if self.early is not None:
+            self.early.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connection_lost(self, exc):
+        if self.upstream is not None:
+            self.upstream.closing = True
+            self.upstream.transport.close()
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, client: DelayProxy):
+        self.client, self.due, self.closing = client, 0.0, False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        stats["turns"] += 1
+        self._later(self.client.transport.write, data)
+
+    def connection_lost(self, exc):
+        if not self.closing:  # the server closed first (after 221): the client hears it as late
+            self._later(lambda: self.client.transport.close())
+
+    def _later(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        self.due = max(loop.time() + self.client.delay, self.due + 1e-6)  # in order
+        loop.call_at(self.due, lambda: None if self.client.transport.is_closing() else fn(*args))
+
+
+async def main(port: int, delay: float, chunking: bool, upstream_port: int = 0):
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: DelayedSMTP(delay, chunking), "127.0.0.1", port, backlog=256)
+    if upstream_port:
+        del stats["messages"]  # the proxy cannot see them
+        server = await loop.create_server(lambda: DelayProxy(delay, upstream_port), "127.0.0.1", port, backlog=256)
+    else:
+        server = await loop.create_server(lambda: DelayedSMTP(delay, chunking), "127.0.0.1", port, backlog=256)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -103,4 +175,6 @@ async def main(port: int, delay: float, chunking: bool):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) / 1000, sys.argv[3:] == ["chunking"]))
+    proxy = sys.argv[3:4] == ["proxy"]
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2]) / 1000, sys.argv[3:] == ["chunking"],
+                     int(sys.argv[4]) if proxy else 0))

@@ -32,10 +32,43 @@ def trace_fields() -> dict:
     return _trace.get()
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # json.dumps with options builds one a call
+# The request this thread is handling will get an access line from GunicornLogger.access, which
+# then carries the send's fields too (see send_fields): set by the worker around each request.
+_access_carries_send = contextvars.ContextVar("herald_smtp_access_carries_send", default=False)
+SEND_FIELDS = "herald_smtp.send"  # the environ key the send's fields wait under for the access line
+
+
+def access_carries_send(on: bool):
+    """Say that the access line of the request this thread now handles will carry the send's fields
+    (returns a token for `access_carries_send_reset`)."""
+    return _access_carries_send.set(on)
+
+
+def access_carries_send_reset(token) -> None:
+    _access_carries_send.reset(token)
+
+
+def send_fields(environ, fields: dict) -> bool:
+    """Hand a sent mail's fields to the request's access line, when one will carry them (True);
+    else (False) the caller logs them on a line of their own."""
+    if not _access_carries_send.get():
+        return False
+    environ[SEND_FIELDS] = fields
+    return True
+
+
 class JsonFormatter(logging.Formatter):
+    _second = (None, "")  # (an integer second, its "2026-11-29T14:37:55"): formatted once a second
+
     def format(self, record):
+        second, prefix = self._second
+        if second != int(record.created):
+            second = int(record.created)
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            JsonFormatter._second = (second, prefix)  # one assignment: threads see old or new, never half
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{prefix}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -50,13 +83,18 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = type(exc).__name__
             if tb is not None:
                 entry["at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _ENCODER.encode(entry)
 
 
 def setup(level: str) -> None:
     """Log at `level` from the `herald_smtp` loggers, and write every logger's lines (a library's
     warnings too, and Python's `warnings`) to stderr as JSON. Idempotent: safe per app."""
     logging.getLogger("herald_smtp").setLevel(_LEVELS.get(level, level))
+    # No line shows where it was logged from, or which thread or process wrote it: logging then
+    # skips walking the caller's frames and asking for those names on every line (the logging
+    # HOWTO's "Optimization"). An exception's place comes from its traceback, not from these.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     if not any(getattr(h, "herald_smtp", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -81,7 +119,8 @@ class GunicornLogger(Logger):
         super()._set_handler(log, output, JsonFormatter(), stream=None)
 
     def access(self, resp, req, environ, request_time):
-        """Method, path (no query string), status, size, duration, peer and client address, request id."""
+        """Method, path (no query string), status, size, duration, peer and client address, request
+        id; for a mail sent or replayed, the send's fields too (logs.send_fields)."""
         if not self.access_log_enabled:
             return
         status = getattr(resp, "status_code", None) or str(resp.status).split()[0]
@@ -96,6 +135,10 @@ class GunicornLogger(Logger):
             "client": client_address(environ, self.cfg),
         }
         fields.update(environ.get("herald_smtp.trace", {}))  # trace_id, span_id (herald_smtp.tracing)
+        send = environ.get(SEND_FIELDS)
+        if send:
+            for name, value in send.items():
+                fields.setdefault(name, value)  # request_id is the same; duration_ms is the request's
         try:
             self.access_log.info("access", extra={"fields": fields})
         except Exception:

@@ -13,7 +13,7 @@ from gunicorn.config import Config
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import API_KEY, json_lines, unique_key, wait_for
-from herald_smtp.http.worker import RequestReader, Settings
+from herald_smtp.http.worker import LoadBoard, RequestReader, Settings
 
 LIMIT = 4096
 READY, CONTINUE, CLOSE, REFUSE = RequestReader.READY, RequestReader.CONTINUE, RequestReader.CLOSE, RequestReader.REFUSE
@@ -148,6 +148,19 @@ def cpu_to_read(data, piece):
     for i in range(0, len(data), piece):
         r.feed(data[i:i + piece])
     return time.process_time() - started
+
+
+def test_the_least_loaded_worker_accepts_and_a_flood_is_taken_in_batches():
+    """A client's few kept-alive connections go strictly to the worker holding fewer; with
+    hundreds held, a worker within an eighth of the other's load accepts on, so a flood is not
+    handed over one connection at a time (bench/accept_balance.py measures the rate)."""
+    board, now = LoadBoard(), time.monotonic()
+    board.publish(1, 3, now)
+    assert board.least_loaded(0, 3, now) and not board.least_loaded(0, 4, now)
+    board.publish(1, 800, now)
+    assert board.least_loaded(0, 900, now) and not board.least_loaded(0, 920, now)
+    board.publish(1, 0, now - LoadBoard.LIVE - 1)  # stopped or gone: it no longer counts
+    assert board.least_loaded(0, 50, now)
 
 
 def test_reading_costs_time_linear_in_the_bytes_received():

@@ -3,6 +3,7 @@ one JSON object with `ts`, `level`, `logger` and `event`, on stderr; access line
 request id, so one query finds every line of a request (README, "Logs")."""
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -49,7 +50,7 @@ def test_every_line_of_a_run_is_json_in_one_schema_on_stderr(smtp_server, gunico
     assert (tmp_path / "stdout").read_text() == ""
 
     loggers = {e["logger"] for e in entries}
-    assert {"gunicorn.error", "gunicorn.access", "herald_smtp.api"} <= loggers, loggers
+    assert {"gunicorn.error", "gunicorn.access"} <= loggers, loggers
     assert any(e["event"].startswith("Booting worker") for e in entries)
     assert any(e["event"].startswith("Handling signal: hup") for e in entries)
     access = [e for e in entries if e["logger"] == "gunicorn.access"]
@@ -57,11 +58,15 @@ def test_every_line_of_a_run_is_json_in_one_schema_on_stderr(smtp_server, gunico
     assert all(isinstance(e["status"], int) for e in access)
     # One request id, two lines: what the app did and what the server answered.
     traced = [e for e in entries if e.get("request_id") == "trace-4242"]
-    assert [(e["logger"], e["event"]) for e in traced] == [("herald_smtp.api", "sent"), ("gunicorn.access", "access")]
-    assert traced[1]["status"] == 200 and traced[1]["path"] == "/v1/send"
+    # One line a mail: what the server answered and what the app did.
+    [line] = traced
+    assert (line["logger"], line["event"], line["status"], line["path"]) == ("gunicorn.access", "access", 200, "/v1/send")
+    assert (line["outcome"], line["replayed"], line["to"]) == ("sent", False, "***@example.com")
     # Each holds exactly the fields the README's table gives it.
-    assert set(traced[0]) - COMMON == readme_fields("herald_smtp.api", "`sent`")
-    assert set(traced[1]) - COMMON == readme_fields("gunicorn.access", "`access`")
+    assert set(line) - COMMON == readme_fields("gunicorn.access", "`access`:") | readme_fields("gunicorn.access",
+                                                                                              "`access` of a mail")
+    refused = [e for e in access if e["status"] == 401]
+    assert len(refused) == 1 and set(refused[0]) - COMMON == readme_fields("gunicorn.access", "`access`:")
 
 
 COMMON = {"ts", "level", "logger", "event"}
@@ -105,3 +110,31 @@ def test_a_librarys_log_line_and_a_python_warning_are_json_too():
     entries = parse(proc.stderr)
     assert [(e["logger"], e["level"]) for e in entries] == [("somelib", "warning"), ("py.warnings", "warning")]
     assert entries[0]["event"] == "library says hi"
+
+
+def test_a_replay_is_one_line_and_warn_keeps_the_access_line_without_the_send(smtp_server, gunicorn):
+    key = unique_key()
+    g = gunicorn(smtp_server.env(), workers=1, threads=2)
+    assert [g.post({"to": "b@example.org"}, key=key)[0] for _ in range(2)] == [200, 200]
+    sends = [e for e in parse(g.stop()) if e.get("path") == "/v1/send"]
+    assert [(e["logger"], e["outcome"], e["replayed"], e["idempotency_key"], e["to"]) for e in sends] == [
+        ("gunicorn.access", "sent", False, key, "***@example.org"), ("gunicorn.access", "replayed", True, key, "***@example.org")]
+    assert sends[0]["relay"] == "primary" and "relay" not in sends[1]
+    assert sends[0]["message_id"] == sends[1]["message_id"] == key
+
+    quiet = gunicorn(smtp_server.env(LOG_LEVEL="warn"), workers=1, threads=2)
+    assert quiet.post({"to": "b@example.org"}, key=unique_key())[0] == 200
+    [line] = [e for e in parse(quiet.stop()) if e.get("path") == "/v1/send"]
+    assert set(line) - COMMON == readme_fields("gunicorn.access", "`access`:")  # the info fields stay out
+
+
+def test_the_timestamp_is_right_on_both_sides_of_a_second():
+    from herald_smtp.logs import JsonFormatter
+
+    formatter = JsonFormatter()
+    for created in (1764000000.998, 1764000000.9995, 1764000001.0, 1764000001.001, 1764000000.5, 1767225599.999,
+                    1767225600.0):
+        record = logging.LogRecord("x", logging.INFO, "", 0, "e", None, None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{record.msecs:03d}Z"
+        assert json.loads(formatter.format(record))["ts"] == expected

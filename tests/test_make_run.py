@@ -31,7 +31,9 @@ def _read(fd, until, seconds):
 def test_ctrl_c_ends_make_run_quietly(tmp_path):
     http_port, capture_port = free_port(), free_port()
     env_file = tmp_path / "env"
-    env_file.write_text("")  # not the developer's .env: no API_KEY here
+    # Not the developer's .env: no API_KEY here, and a store of the test's own rather than the
+    # default file in /dev/shm, which another checkout on this machine may have written.
+    env_file.write_text(f"IDEMPOTENCY_STORE=sqlite:///{str(tmp_path).lstrip('/')}/idem.sqlite3\n")
     pid, fd = pty.fork()  # the child leads a session with the terminal as its controlling tty
     if pid == 0:
         os.chdir(ROOT)

@@ -155,3 +155,26 @@ def test_body_lines_starting_with_a_dot_survive(client, smtp_server):
     msg, _ = deliver(client, smtp_server, body=body)
     assert plain(msg).rstrip("\n") == body
     assert len(smtp_server.messages) == 1  # a lone "." did not end the data early
+
+
+def test_the_remembered_domain_check_refuses_and_accepts_as_before(client, smtp_server):
+    """The domain check is remembered per domain: a second address at a domain already checked is
+    accepted without checking it again, an invalid domain is refused every time (a refusal is never
+    remembered), and the part before the @ is still checked at a domain already known."""
+    from herald_smtp.smtp.message import domain_check
+
+    for to in ("first@cached-domain.example.org", "second@CACHED-domain.example.org", "kunde@bücher-cache.example",
+               "again@bücher-cache.example"):
+        assert send_json(client, {"to": to}, key=unique_key()).status_code == 200
+    hits = domain_check.cache_info().hits
+    assert send_json(client, {"to": "third@cached-domain.example.org"}, key=unique_key()).status_code == 200
+    assert domain_check.cache_info().hits == hits + 1
+    delivered = len(smtp_server.messages)
+    for to in ("a@bad_domain.example", "a@bad_domain.example", "a@-hyphen.example", "a@-hyphen.example",
+               "a..b@cached-domain.example.org", "a b@cached-domain.example.org"):
+        resp = send_json(client, {"to": to}, key=unique_key())
+        assert (resp.status_code, resp.get_json()["error_code"]) == (400, "invalid_destination"), to
+    assert len(smtp_server.messages) == delivered
+    assert [m.rcpt_tos[0] for m in smtp_server.messages[-5:]] == [
+        "first@cached-domain.example.org", "second@cached-domain.example.org", "kunde@xn--bcher-cache-thb.example",
+        "again@xn--bcher-cache-thb.example", "third@cached-domain.example.org"]

@@ -17,7 +17,8 @@ import time
 import uuid
 from email.header import Header
 from email.message import EmailMessage
-from email.utils import formatdate
+from datetime import datetime, timezone
+from email.utils import format_datetime, formatdate
 
 import pytest
 
@@ -161,3 +162,22 @@ def test_matches_email_message_over_random_requests():
         assert_same(builder(SMTP_FROM_NAME="Herald Codes"), req)
         checked += 1
     assert checked > 200
+
+
+def test_the_date_line_is_formatted_once_a_second_and_is_what_email_message_writes():
+    """build() formats the Date line once a second: over a second boundary, every line equals the one
+    EmailMessage writes for that second, and the line changes when the second does."""
+    b = builder()
+    req = CORPUS["ascii"]
+    seen = {}
+    started = time.time()
+    while time.time() < started + 1.2 or len(seen) < 2:
+        before = int(time.time())
+        line = re.search(rb"^Date: .*\r\n", b.build(req).data, re.M).group()
+        if int(time.time()) != before:
+            continue  # a second ended during the build: either second's line is right
+        msg = EmailMessage(policy=POLICY)
+        msg["Date"] = format_datetime(datetime.fromtimestamp(before, timezone.utc))
+        assert line == msg.as_bytes().split(b"\r\n\r\n")[0] + b"\r\n"
+        seen.setdefault(before, line)
+    assert len(set(seen.values())) == len(seen) >= 2
