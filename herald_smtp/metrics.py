@@ -7,6 +7,7 @@ the values live in this process. Labels only ever hold values we define (outcome
 error codes), never a recipient, a key or any request text.
 """
 
+import glob
 import os
 import time
 
@@ -162,12 +163,28 @@ class Metrics:
         """(body, content type) of the Prometheus text exposition."""
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            _WorkerFiles(registry)
         else:
             registry = CollectorRegistry()
             registry.register(_Of(self.registry))
         registry.register(self)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _WorkerFiles(multiprocess.MultiProcessCollector):
+    """Every process's file but those of 0 bytes: prometheus_client creates a process's file before
+    it sizes it, and reading one then fails the whole scrape (client_python#1199); a worker killed
+    in that moment leaves it so for good. Such a file holds nothing yet."""
+
+    def collect(self):
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(name):
+                    files.append(name)
+            except OSError:  # removed meanwhile (mark_process_dead)
+                pass
+        return self.merge(files, accumulate=True)
 
 
 class _Of:

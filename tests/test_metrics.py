@@ -188,6 +188,17 @@ def test_each_start_counts_from_zero(gunicorn, smtp_server, tmp_path):
     assert sends(scrape(second), "sent") == 0
 
 
+def test_a_worker_file_left_empty_does_not_fail_the_scrape(gunicorn, smtp_server, tmp_path):
+    """prometheus_client creates a process's file before it sizes it (client_python#1199): a
+    scrape in that moment, or after a worker killed in it (the file stays, 0 bytes, for good),
+    still answers every other worker's figures."""
+    directory = tmp_path / "prometheus"
+    g = gunicorn(smtp_server.env(PROMETHEUS_MULTIPROC_DIR=str(directory)), workers=1, threads=1)
+    assert g.post({"to": "a@example.com"})[0] == 200
+    (directory / "counter_4242424.db").touch()  # as a worker killed before sizing it leaves it
+    assert sends(scrape(g), "sent") == 1
+
+
 def test_metrics_through_gunicorn_can_require_the_api_key(gunicorn, smtp_server):
     g = gunicorn(smtp_server.env(API_KEY=API_KEY, METRICS_REQUIRE_API_KEY="true"), workers=1, threads=1)
     try:
