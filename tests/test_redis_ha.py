@@ -68,6 +68,12 @@ class Load:
         """Keys answered 200 by a request that started at s and ended at e where when(s, e)."""
         return {key for s, e, _, key, status, _ in list(self.answers) if status == 200 and when(s, e)}
 
+    def recovered(self, after):
+        """Past `after`, and every request started in the last second answered 200 at once."""
+        now = time.monotonic()
+        recent = {status for s, _, _, _, status, _ in list(self.answers) if s > now - 1.0}
+        return now > after and recent == {200}
+
     def window(self, since):
         """(seconds from the first failed answer's start to the last one's end, their count)."""
         failed = [(s, e) for s, e, _, _, status, _ in self.answers if status != 200 and e >= since]
@@ -126,11 +132,7 @@ def test_sentinel_failover_forgets_no_answered_key_and_never_sends_twice(redis_p
                 redis_procs.replica(master_port(sentinels[0]))
             # Recovered by itself once the new master has a replica: a second of sends all answered
             # 200 at the first try.
-            def recovered():
-                now = time.monotonic()
-                recent = {status for s, _, _, _, status, _ in list(load.answers) if s > now - 1.0}
-                return now > started + switched + 1.0 and recent == {200}
-            wait_for(recovered, timeout=40)
+            wait_for(lambda: load.recovered(started + switched + 1.0), timeout=40)
             settled = time.monotonic()
             turbulent[trigger] = (started, switched, load.keys(lambda s, e: e >= started and s <= settled))
             window, failures = load.window(started)
@@ -308,12 +310,7 @@ def test_cluster_failover_forgets_no_answered_key_and_never_sends_twice(redis_pr
             switched = time.monotonic() - started
             if trigger == "kill -9":
                 redis_procs.restart(old)  # rejoins as the new master's replica
-
-            def recovered():
-                now = time.monotonic()
-                recent = {status for s, _, _, _, status, _ in list(load.answers) if s > now - 1.0}
-                return now > started + switched + 1.0 and recent == {200}
-            wait_for(recovered, timeout=40)
+            wait_for(lambda: load.recovered(started + switched + 1.0), timeout=40)
             settled = time.monotonic()
             turbulent[trigger] = load.keys(lambda s, e: e >= started and s <= settled)
             window, failures = load.window(started)
