@@ -112,6 +112,17 @@ def test_slowhttptest_leaves_sends_prompt(service, smtp_server, mode, tmp_path):
 
 
 @pytest.mark.serial
+def test_400_connections_at_once_are_all_answered(smtp_server, gunicorn):
+    """More new connections than the workers' waiting places (100 each): a worker full of ones it
+    has just accepted reads them before it accepts more, rather than closing the oldest unread."""
+    g = gunicorn(smtp_server.env(API_KEY=API_KEY), workers=None, threads=None)
+    g.workers(2)
+    sends = burst(g.port, API_KEY, n=400)
+    assert summary(sends)["failed"] == 0, summary(sends)
+    assert_delivered(smtp_server, sends)
+
+
+@pytest.mark.serial
 def test_200_connections_at_once_are_answered_about_as_fast_as_by_stock_gthread(smtp_server, gunicorn):
     ours = gunicorn(smtp_server.env(API_KEY=API_KEY), workers=None, threads=None)
     stock = gunicorn(smtp_server.env(API_KEY=API_KEY, GUNICORN_CMD_ARGS="--worker-class gthread"),

@@ -490,6 +490,13 @@ class ThreadWorker(gthread.ThreadWorker):
                 self.accept_again, self.yielding = now + ACCEPT_YIELD, True
                 return
             waited = False
+            waiting = self.groups[WAITING]
+            if len(waiting) >= MAX_WAITING and now - self.unserved.get(next(iter(waiting)), 0.0) < SLOW_AFTER:
+                # Full of connections just accepted, their requests most likely in: read them
+                # first (the next loop) rather than close the oldest of them unread.
+                self.set_accept_enabled(False)
+                self.accept_again, self.yielding = now + PAUSED_POLL, False
+                return
             try:
                 sock, client = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
