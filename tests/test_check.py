@@ -152,3 +152,19 @@ def test_redis_without_the_replicas_wait_asks_for_fails(smtp_server, redis_url):
     status, lines = check({**smtp_server.env(), "IDEMPOTENCY_STORE": redis_url})
     assert status == 0, lines
     assert "ok: idempotency store usable; keys are not waited on a replica (IDEMPOTENCY_WAIT_REPLICAS=0)" in lines
+
+
+def test_redis_with_a_replica_that_confirms_passes(smtp_server, tmp_path):
+    """A real master and its replica: the test write is confirmed, as a keyed send's would be."""
+    from redis_servers import RedisProcesses
+
+    procs = RedisProcesses(tmp_path)
+    try:
+        master = procs.server()
+        procs.replica(master)
+        env = {**smtp_server.env(), "IDEMPOTENCY_STORE": f"redis://127.0.0.1:{master}/0", "IDEMPOTENCY_WAIT_REPLICAS": "1"}
+        status, lines = check(env)
+        assert status == 0, lines
+        assert "ok: idempotency store usable; a key counts once 1 replica(s) have it (IDEMPOTENCY_WAIT_REPLICAS)" in lines
+    finally:
+        procs.stop()

@@ -108,13 +108,15 @@ class RedisStore:
     def confirming_replicas(self) -> int:
         """How many replicas confirm a write within WAIT_MAX, now (`check` asks)."""
         name = self.prefix + "check"
-        pipe = self._node(name).pipeline(transaction=False)
-        pipe.set(name, "1", px=1000)
-        pipe.wait(max(self.replicas, 1), int(self.WAIT_MAX * 1000))
+        commands = [("SET", name, "1", "PX", 1000), ("WAIT", max(self.replicas, 1), int(self.WAIT_MAX * 1000))]
         try:
-            return pipe.execute()[1]
+            replies = self._round_trip(self._node(name), commands)  # as a send's writes go
         except self._errors as e:
             raise StoreUnavailable(type(e).__name__) from None
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(type(reply).__name__)
+        return replies[1]
 
     def _write(self, script, keys, args, deadline=None, replicate=True):
         """Run a script on the node that holds its keys: its reply, and whether `replicas`
