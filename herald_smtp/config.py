@@ -26,8 +26,9 @@ from email.header import decode_header, make_header
 # C0, DEL, C1 and the Unicode line separators: anything a parser might take as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
-REPLICATED_SCHEMES = ("redis+sentinel://", "rediss+sentinel://", "redis+cluster://", "rediss+cluster://")
 _FALSE = {"0", "false", "f", "no", "n", "off", ""}
+# The IDEMPOTENCY_STORE forms whose Redis replicates by design: IDEMPOTENCY_WAIT_REPLICAS is 1 there.
+REPLICATED_SCHEMES = ("redis+sentinel://", "rediss+sentinel://", "redis+cluster://", "rediss+cluster://")
 
 
 def has_control_chars(value: str) -> bool:

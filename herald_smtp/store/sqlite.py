@@ -24,18 +24,9 @@ def _refuse_shared_temp_dir(directory: str) -> None:
                           "remove it or set IDEMPOTENCY_STORE to a private path")
 
 
-def _boot_id() -> str:
-    """This boot of the machine (and of its containers): time.monotonic() starts again at boot."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _machine_id() -> str:
-    """This host, across reboots (systemd's and D-Bus's id); "" where the machine has none."""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+def _read_id(*paths) -> str:
+    """The first of these files that holds an id; "" where none does."""
+    for path in paths:
         try:
             with open(path) as f:
                 if value := f.read().strip():
@@ -43,6 +34,16 @@ def _machine_id() -> str:
         except OSError:
             pass
     return ""
+
+
+def _boot_id() -> str:
+    """This boot of the machine (and of its containers): time.monotonic() starts again at boot."""
+    return _read_id("/proc/sys/kernel/random/boot_id")
+
+
+def _machine_id() -> str:
+    """This host, across reboots (systemd's and D-Bus's id)."""
+    return _read_id("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
 class SQLiteStore:
